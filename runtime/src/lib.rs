@@ -1,0 +1,4 @@
+//! graft-runtime: model files (GGUF, safetensors, HF config), and later tokenizers,
+//! the forward pass, KV cache, sampling and execution providers.
+
+pub mod gguf;

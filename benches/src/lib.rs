@@ -1,0 +1,1 @@
+//! Shared helpers for graft's benchmarks.

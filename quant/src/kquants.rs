@@ -4,6 +4,8 @@
 //! that `llama-quantize` uses when no importance matrix is given), so the bytes we write
 //! are identical to llama.cpp's. Float expressions keep ggml's evaluation order and f32
 //! precision on purpose: any reordering changes rounding and therefore the output bytes.
+//! No `mul_add` anywhere: llama.cpp builds ggml-quants.c into ggml-base without
+//! `-march=native`, so nothing is contracted to FMA (checked: adding FMA breaks the match).
 
 use crate::blocks::*;
 use crate::{nearest_int, QK_K};
@@ -206,16 +208,6 @@ pub fn dequantize_q6_k(src: &[BlockQ6_K], dst: &mut [f32]) {
 // Reference quantizers
 // ---------------------------------------------------------------------------------------
 
-/// ggml's `nearest_int` without the range assertion, for the search helpers: ggml's
-/// release builds evaluate it out of range there too (tiny `slx` in `make_q3_quants`, a
-/// fitted min near max in `make_qkx2_quants`) and clamp the resulting bits, so we must
-/// produce the same bits instead of asserting.
-#[inline(always)]
-fn nint(fval: f32) -> i32 {
-    let val = fval + 12582912.0;
-    (val.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
-}
-
 /// Copies one super-block of input into a fixed array (lets the rest index freely).
 #[inline]
 fn load_block(xb: &[f32]) -> [f32; QK_K] {
@@ -279,7 +271,7 @@ fn make_qkx2_quants(
     let mut scale = 1.0 / iscale;
     let mut best_error = 0f32;
     for i in 0..n {
-        let l = nint(iscale * (x[i] - min)).clamp(0, nmax);
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         l_out[i] = l as u8;
         let diff = scale * l as f32 + min - x[i];
         let diff = if use_mad { diff.abs() } else { diff * diff };
@@ -294,7 +286,7 @@ fn make_qkx2_quants(
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
         for i in 0..n {
-            let l = nint(iscale * (x[i] - min)).clamp(0, nmax);
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
             l_aux[i] = l as u8;
             let w = weights[i];
             let lf = l as f32;
@@ -349,7 +341,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
     let mut sumlx = 0f32;
     let mut suml2 = 0f32;
     for i in 0..n {
-        let l = nint(iscale * x[i]).clamp(-nmax, nmax - 1);
+        let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
         l_out[i] = (l + nmax) as i8;
         let w = x[i] * x[i];
         let lf = l as f32;
@@ -366,7 +358,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
         sumlx = 0.0;
         suml2 = 0.0;
         for &v in x {
-            let l = nint(iscale * v).clamp(-nmax, nmax - 1);
+            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
             let w = v * v;
             let lf = l as f32;
             sumlx += w * v * lf;
@@ -374,7 +366,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
             for (o, &v) in l_out.iter_mut().zip(x) {
-                *o = (nmax + nint(iscale * v).clamp(-nmax, nmax - 1)) as i8;
+                *o = (nmax + nearest_int(iscale * v).clamp(-nmax, nmax - 1)) as i8;
             }
             scale = sumlx / suml2;
             best = scale * sumlx;
@@ -407,7 +399,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
     let mut sumlx = 0f32;
     let mut suml2 = 0f32;
     for i in 0..n {
-        let l = nint(iscale * x[i]).clamp(-nmax, nmax - 1);
+        let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
         l_out[i] = l as i8;
         let w = x[i] * x[i];
         let lf = l as f32;
@@ -422,7 +414,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
             let mut slx = sumlx - w * x[i] * li;
             if slx > 0.0 {
                 let mut sl2 = suml2 - w * li * li;
-                let new_l = nint(x[i] * sl2 / slx).clamp(-nmax, nmax - 1);
+                let new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1);
                 if new_l != i32::from(l_out[i]) {
                     let nl = new_l as f32;
                     slx += w * x[i] * nl;
@@ -768,5 +760,404 @@ pub fn quantize_q6_k(src: &[f32], dst: &mut [BlockQ6_K]) {
                 qh[i] = (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn h(x: f32) -> [u8; 2] {
+        f32_to_f16(x)
+    }
+
+    /// Gaussian samples via Box-Muller (rand's core crate has no normal distribution).
+    fn gaussian(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+                let u2: f64 = rng.gen();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect()
+    }
+
+    /// Test inputs: several distributions, an all-zero block, tiny values, outliers.
+    fn test_rows() -> Vec<(&'static str, Vec<f32>)> {
+        let mut rng = StdRng::seed_from_u64(0x6b71_7561_6e74);
+        let n = 16 * QK_K;
+        let uniform: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let gauss = gaussian(&mut rng, n);
+        let positive: Vec<f32> = (0..n).map(|_| rng.gen_range(0.5f32..3.0)).collect();
+        let mut outliers = gaussian(&mut rng, n);
+        for v in outliers.iter_mut().step_by(97) {
+            *v *= 40.0;
+        }
+        let mut mixed = gaussian(&mut rng, n);
+        // Block 1 all zero, block 2 tiny, block 3 one huge spike, block 4 constant.
+        mixed[QK_K..2 * QK_K].fill(0.0);
+        mixed[2 * QK_K..3 * QK_K]
+            .iter_mut()
+            .for_each(|v| *v *= 1e-3);
+        mixed[3 * QK_K + 77] = 1000.0;
+        mixed[4 * QK_K..5 * QK_K].fill(-0.75);
+        vec![
+            ("uniform", uniform),
+            ("gaussian", gauss),
+            ("positive", positive),
+            ("outliers", outliers),
+            ("mixed", mixed),
+        ]
+    }
+
+    /// Root mean square error relative to the root mean square of the input, per block.
+    fn block_rel_rmse(x: &[f32], y: &[f32]) -> Vec<f64> {
+        x.chunks_exact(QK_K)
+            .zip(y.chunks_exact(QK_K))
+            .map(|(a, b)| {
+                let err: f64 = a
+                    .iter()
+                    .zip(b)
+                    .map(|(&p, &q)| (p as f64 - q as f64).powi(2))
+                    .sum();
+                let sig: f64 = a.iter().map(|&p| (p as f64).powi(2)).sum();
+                if sig == 0.0 {
+                    err
+                } else {
+                    (err / sig).sqrt()
+                }
+            })
+            .collect()
+    }
+
+    macro_rules! roundtrip {
+        ($q:ident, $dq:ident, $blk:ty, $x:expr) => {{
+            let x: &[f32] = $x;
+            let mut b: Vec<$blk> = vec![bytemuck::Zeroable::zeroed(); x.len() / QK_K];
+            $q(x, &mut b);
+            let mut y = vec![f32::NAN; x.len()];
+            $dq(&b, &mut y);
+            y
+        }};
+    }
+
+    /// Per-block relative RMSE bounds (quantize -> dequantize) for Gaussian, uniform,
+    /// shifted and outlier-laden data, about 1.2x what ggml's encoders reach on them.
+    #[test]
+    fn roundtrip_error_within_bounds() {
+        for (name, x) in test_rows() {
+            let check = |ty: &str, y: Vec<f32>, bound: f64| {
+                for (b, e) in block_rel_rmse(&x, &y).into_iter().enumerate() {
+                    assert!(
+                        e <= bound,
+                        "{ty} {name} block {b}: relative rmse {e} > {bound}"
+                    );
+                }
+                // All-zero input blocks come back exactly zero.
+                for (xb, yb) in x.chunks_exact(QK_K).zip(y.chunks_exact(QK_K)) {
+                    if xb.iter().all(|&v| v == 0.0) {
+                        assert!(yb.iter().all(|&v| v == 0.0), "{ty} {name}: zero block");
+                    }
+                }
+            };
+            check(
+                "Q2_K",
+                roundtrip!(quantize_q2_k, dequantize_q2_k, BlockQ2_K, &x),
+                0.42,
+            );
+            check(
+                "Q3_K",
+                roundtrip!(quantize_q3_k, dequantize_q3_k, BlockQ3_K, &x),
+                0.26,
+            );
+            check(
+                "Q4_K",
+                roundtrip!(quantize_q4_k, dequantize_q4_k, BlockQ4_K, &x),
+                0.14,
+            );
+            check(
+                "Q5_K",
+                roundtrip!(quantize_q5_k, dequantize_q5_k, BlockQ5_K, &x),
+                0.07,
+            );
+            check(
+                "Q6_K",
+                roundtrip!(quantize_q6_k, dequantize_q6_k, BlockQ6_K, &x),
+                0.05,
+            );
+            check(
+                "Q8_K",
+                roundtrip!(quantize_q8_k, dequantize_q8_k, BlockQ8_K, &x),
+                0.045,
+            );
+        }
+    }
+
+    /// Averages on Gaussian data: each extra bit should roughly halve the error.
+    #[test]
+    fn gaussian_mean_error_by_type() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let x = gaussian(&mut rng, 32 * QK_K);
+        let mean = |y: Vec<f32>| {
+            let v = block_rel_rmse(&x, &y);
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        let e = [
+            mean(roundtrip!(quantize_q2_k, dequantize_q2_k, BlockQ2_K, &x)),
+            mean(roundtrip!(quantize_q3_k, dequantize_q3_k, BlockQ3_K, &x)),
+            mean(roundtrip!(quantize_q4_k, dequantize_q4_k, BlockQ4_K, &x)),
+            mean(roundtrip!(quantize_q5_k, dequantize_q5_k, BlockQ5_K, &x)),
+            mean(roundtrip!(quantize_q6_k, dequantize_q6_k, BlockQ6_K, &x)),
+            mean(roundtrip!(quantize_q8_k, dequantize_q8_k, BlockQ8_K, &x)),
+        ];
+        let bounds = [0.32, 0.17, 0.08, 0.04, 0.02, 0.01];
+        for (i, (&e, &b)) in e.iter().zip(&bounds).enumerate() {
+            assert!(e < b, "type #{i}: mean relative rmse {e} >= {b}");
+        }
+        assert!(
+            e.windows(2).all(|w| w[1] < w[0]),
+            "errors not decreasing: {e:?}"
+        );
+    }
+
+    /// Magnitudes that underflow or overflow the f16 scales, or make ggml's searches
+    /// evaluate `nearest_int` out of range, must not panic (debug build) and must give
+    /// the same bytes twice.
+    #[test]
+    fn extreme_inputs_do_not_panic() {
+        let mut rng = StdRng::seed_from_u64(99);
+        let mut x = gaussian(&mut rng, 4 * QK_K);
+        x[..QK_K].iter_mut().for_each(|v| *v *= 1e-7);
+        x[QK_K + 3] = 1e30;
+        x[2 * QK_K + 5] = -3e38;
+        x[3 * QK_K..].iter_mut().for_each(|v| *v *= 1e5);
+        let y = roundtrip!(quantize_q2_k, dequantize_q2_k, BlockQ2_K, &x);
+        assert_eq!(y.len(), x.len());
+        let _ = roundtrip!(quantize_q3_k, dequantize_q3_k, BlockQ3_K, &x);
+        let _ = roundtrip!(quantize_q4_k, dequantize_q4_k, BlockQ4_K, &x);
+        let _ = roundtrip!(quantize_q5_k, dequantize_q5_k, BlockQ5_K, &x);
+        let _ = roundtrip!(quantize_q6_k, dequantize_q6_k, BlockQ6_K, &x);
+        let _ = roundtrip!(quantize_q8_k, dequantize_q8_k, BlockQ8_K, &x);
+        let mut a = vec![bytemuck::Zeroable::zeroed(); 4];
+        let mut b = vec![bytemuck::Zeroable::zeroed(); 4];
+        quantize_q4_k(&x, &mut a);
+        quantize_q4_k(&x, &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn q8_k_bsums_and_roundtrip() {
+        for (name, x) in test_rows() {
+            let mut b = vec![BlockQ8_K::default(); x.len() / QK_K];
+            quantize_q8_k(&x, &mut b);
+            let mut y = vec![0f32; x.len()];
+            dequantize_q8_k(&b, &mut y);
+            for (blk, (xb, yb)) in b.iter().zip(x.chunks_exact(QK_K).zip(y.chunks_exact(QK_K))) {
+                for (g, &s) in blk.bsums.iter().enumerate() {
+                    let sum: i32 = blk.qs[16 * g..16 * g + 16]
+                        .iter()
+                        .map(|&q| i32::from(q))
+                        .sum();
+                    assert_eq!(i32::from(s), sum, "{name}: bsums[{g}]");
+                }
+                // Quants stay in -127..=127 and each value is within half a step.
+                assert!(blk.qs.iter().all(|&q| q != -128), "{name}: -128 used");
+                for (&v, &r) in xb.iter().zip(yb) {
+                    assert!((v - r).abs() <= blk.d.abs() * 0.5001, "{name}: {v} -> {r}");
+                }
+            }
+        }
+        // The largest magnitude maps to -127 (ggml's iscale = -127/max), so d < 0 here.
+        let mut x = vec![0.5f32; QK_K];
+        x[10] = 2.0;
+        x[11] = -2.0;
+        let mut b = [BlockQ8_K::default()];
+        quantize_q8_k(&x, &mut b);
+        assert_eq!(b[0].qs[10], -127);
+        assert_eq!(b[0].qs[11], 127);
+        assert_eq!(b[0].qs[0], -32); // nearest_int(-31.75)
+        assert_eq!(b[0].d, -2.0 / 127.0);
+        assert_eq!(b[0].bsums[0], -32 * 14 - 127 + 127);
+        // All-zero input: zero block.
+        quantize_q8_k(&[0.0; QK_K], &mut b);
+        assert_eq!(b[0], BlockQ8_K::default());
+    }
+
+    #[test]
+    fn dequantize_q8_k_hand_built() {
+        let mut b = BlockQ8_K {
+            d: 0.25,
+            ..Default::default()
+        };
+        b.qs[0] = -128;
+        b.qs[255] = 127;
+        b.qs[7] = 3;
+        let mut y = [1f32; QK_K];
+        dequantize_q8_k(&[b], &mut y);
+        assert_eq!(y[0], -32.0);
+        assert_eq!(y[255], 31.75);
+        assert_eq!(y[7], 0.75);
+        assert_eq!(y[1], 0.0);
+    }
+
+    #[test]
+    fn dequantize_q2_k_hand_built() {
+        let mut b: BlockQ2_K = bytemuck::Zeroable::zeroed();
+        b.d = h(0.5);
+        b.dmin = h(0.25);
+        // Low nibble scale, high nibble min, per 16-value group.
+        b.scales[0] = 0x21; // sc 1, m 2
+        b.scales[2] = 0x13; // sc 3, m 1
+        b.scales[4] = 0x05; // sc 5, m 0
+        b.scales[6] = 0xF2; // sc 2, m 15
+        b.scales[8] = 0x11; // second half, group 0
+        b.qs[0] = 0b11_10_01_00; // values 0, 32, 64, 96 = 0, 1, 2, 3
+        b.qs[32] = 0x03; // value 128 = 3
+        let mut y = [f32::NAN; QK_K];
+        dequantize_q2_k(&[b], &mut y);
+        assert_eq!(y[0], -0.5);
+        assert_eq!(y[1], -0.5);
+        assert_eq!(y[32], 1.25);
+        assert_eq!(y[64], 5.0);
+        assert_eq!(y[96], -0.75);
+        assert_eq!(y[128], 1.25);
+        assert_eq!(y[16], 0.0);
+        assert_eq!(y[255], 0.0);
+    }
+
+    #[test]
+    fn dequantize_q3_k_hand_built() {
+        let mut b: BlockQ3_K = bytemuck::Zeroable::zeroed();
+        b.d = h(0.5);
+        // Scales (stored +32): j0 = 1, j5 = -3, j10 = 31, j15 = -32, all others 0.
+        b.scales = [0x01, 0, 0xF0, 0, 0, 0x0D, 0, 0, 0xAA, 0xA6, 0xBA, 0x2A];
+        let mut want_sc = [0i8; 16];
+        want_sc[0] = 1;
+        want_sc[5] = -3;
+        want_sc[10] = 31;
+        want_sc[15] = -32;
+        assert_eq!(q3k_scales(&b.scales), want_sc);
+        for (j, &s) in want_sc.iter().enumerate() {
+            assert_eq!(q3k_scale(&b.scales, j), s);
+        }
+        b.hmask = [0xFF; 32]; // high bit set: no -4 offset
+        b.qs[0] = 0x03; // value 0: q 3
+        b.qs[16] = 0b01_0000; // value 80 (group 5): q 1 ...
+        b.hmask[16] &= !(1 << 2); // ... high bit clear: 1 - 4
+        b.qs[37] = 0b10_00; // value 165 (scale 10): q 2
+        b.hmask[31] &= !(1 << 7); // value 255 (scale 15): 0 - 4
+        let mut y = [f32::NAN; QK_K];
+        dequantize_q3_k(&[b], &mut y);
+        assert_eq!(y[0], 1.5);
+        assert_eq!(y[80], 4.5);
+        assert_eq!(y[165], 31.0);
+        assert_eq!(y[255], 64.0);
+        for (i, &v) in y.iter().enumerate() {
+            if ![0, 80, 165, 255].contains(&i) {
+                assert_eq!(v, 0.0, "value {i}");
+            }
+        }
+    }
+
+    /// 6-bit scales [1, 2, 3, 63, 5, 40, 7, 8] and mins [0, 1, 2, 3, 63, 5, 6, 33], packed.
+    const K4_SCALES: [u8; 12] = [1, 130, 3, 63, 192, 1, 2, 131, 0xF5, 0x58, 0x67, 0x18];
+    const K4_SC: [u8; 8] = [1, 2, 3, 63, 5, 40, 7, 8];
+    const K4_M: [u8; 8] = [0, 1, 2, 3, 63, 5, 6, 33];
+
+    #[test]
+    fn scale_min_k4_unpacking() {
+        for j in 0..8 {
+            assert_eq!(
+                get_scale_min_k4(j, &K4_SCALES),
+                (K4_SC[j], K4_M[j]),
+                "sub-block {j}"
+            );
+        }
+    }
+
+    #[test]
+    fn dequantize_q4_k_hand_built() {
+        let mut b: BlockQ4_K = bytemuck::Zeroable::zeroed();
+        b.d = h(0.5);
+        b.dmin = h(0.25);
+        b.scales = K4_SCALES;
+        b.qs[0] = 0xF3; // value 0 = 3 (sub-block 0), value 32 = 15 (sub-block 1)
+        b.qs[71] = 0x9A; // value 135 = 10 (sub-block 4), value 167 = 9 (sub-block 5)
+        b.qs[127] = 0x40; // value 255 = 4 (sub-block 7)
+        let mut y = [f32::NAN; QK_K];
+        dequantize_q4_k(&[b], &mut y);
+        assert_eq!(y[0], 1.5);
+        assert_eq!(y[32], 14.75);
+        assert_eq!(y[135], 9.25);
+        assert_eq!(y[167], 178.75);
+        assert_eq!(y[255], 7.75);
+        assert_eq!(y[1], 0.0);
+        assert_eq!(y[64 * 3 + 1], -0.25 * 6.0); // sub-block 6, q 0
+    }
+
+    #[test]
+    fn dequantize_q5_k_hand_built() {
+        let mut b: BlockQ5_K = bytemuck::Zeroable::zeroed();
+        b.d = h(0.5);
+        b.dmin = h(0.25);
+        b.scales = K4_SCALES;
+        b.qs[0] = 0xF3;
+        b.qh[0] = 0b01; // value 0 gets +16, value 32 does not
+        b.qs[71] = 0x9A;
+        b.qh[7] = 1 << 5; // value 167 (chunk 2, high half) gets +16
+        b.qh[31] = 1 << 7; // value 255 = 0 + 16
+        let mut y = [f32::NAN; QK_K];
+        dequantize_q5_k(&[b], &mut y);
+        assert_eq!(y[0], 9.5);
+        assert_eq!(y[32], 14.75);
+        assert_eq!(y[135], 9.25);
+        assert_eq!(y[167], 498.75);
+        assert_eq!(y[255], 55.75);
+        assert_eq!(y[224], -8.25); // sub-block 7, q 0
+    }
+
+    #[test]
+    fn dequantize_q6_k_hand_built() {
+        let mut b: BlockQ6_K = bytemuck::Zeroable::zeroed();
+        b.d = h(0.5);
+        b.scales[0] = 1;
+        b.scales[2] = -2;
+        b.scales[4] = 3;
+        b.scales[6] = 127;
+        b.scales[9] = -128;
+        b.ql[0] = 0xF5; // value 0 low 5, value 64 low 15
+        b.ql[32] = 0x10; // value 32 low 0, value 96 low 1
+        b.qh[0] = 0x72; // high bits: value 0 = 2, 32 = 0, 64 = 3, 96 = 1
+        b.ql[80] = 0x0F; // second half, l = 16: value 144 low 15
+        b.qh[48] = 3; // value 144 high 3
+        let mut y = [f32::NAN; QK_K];
+        dequantize_q6_k(&[b], &mut y);
+        assert_eq!(y[0], 2.5); // 0.5 * 1 * (37 - 32)
+        assert_eq!(y[32], 32.0); // 0.5 * -2 * (0 - 32)
+        assert_eq!(y[64], 46.5); // 0.5 * 3 * (63 - 32)
+        assert_eq!(y[96], -952.5); // 0.5 * 127 * (17 - 32)
+        assert_eq!(y[144], -1984.0); // 0.5 * -128 * (63 - 32)
+        assert_eq!(y[1], -16.0); // 0.5 * 1 * (0 - 32)
+        assert_eq!(y[16], 0.0); // scale 1 is 0
+    }
+
+    /// Quantizing what a block decodes to must find a block that decodes to the same
+    /// values for exactly representable inputs (scales are fitted, so only check error).
+    #[test]
+    fn exactly_representable_input_roundtrips_closely() {
+        let mut b: BlockQ4_K = bytemuck::Zeroable::zeroed();
+        b.d = h(0.5);
+        b.dmin = h(0.25);
+        b.scales = K4_SCALES;
+        for (i, q) in b.qs.iter_mut().enumerate() {
+            *q = (i * 37 % 256) as u8;
+        }
+        let mut x = [0f32; QK_K];
+        dequantize_q4_k(&[b], &mut x);
+        let y = roundtrip!(quantize_q4_k, dequantize_q4_k, BlockQ4_K, &x);
+        let e = block_rel_rmse(&x, &y)[0];
+        assert!(e < 0.02, "relative rmse {e}");
     }
 }

@@ -2,3 +2,5 @@
 //! the forward pass, KV cache, sampling and execution providers.
 
 pub mod gguf;
+pub mod hf_config;
+pub mod safetensors;

@@ -6,6 +6,7 @@
 
 pub mod blocks;
 mod float;
+pub mod kernels;
 pub mod kquants;
 pub mod legacy;
 mod types;

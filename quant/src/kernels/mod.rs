@@ -1,0 +1,512 @@
+//! Dot-product and mat-vec/mat-mat kernels that compute directly on quantized
+//! weight blocks, as ggml does: the activations are quantized once per call to the
+//! weight type's companion ("vec_dot type") and every block dot product is an
+//! integer dot product scaled once per block.
+//!
+//! | weights                     | activations        |
+//! |-----------------------------|--------------------|
+//! | Q4_0, Q5_0, Q8_0            | Q8_0               |
+//! | Q4_1, Q5_1                  | Q8_1               |
+//! | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K| Q8_K               |
+//! | F32, F16, BF16              | F32                |
+//!
+//! Implementation levels, chosen once at run time ([`level`]):
+//! - `scalar` (always compiled): the ground truth the SIMD levels are tested against.
+//! - `avx2` (x86_64, AVX2 + FMA + F16C): every type.
+//! - `avx512` (x86_64, AVX-512 F/BW/VL + VNNI): Q4_0, Q5_0, Q8_0, Q4_K, Q6_K and the
+//!   float types; other types use their AVX2 kernel at this level.
+//! - `neon` (aarch64): Q4_0 and Q8_0; other types use the scalar kernel there.
+//!
+//! `GRAFT_KERNEL=scalar|avx2|avx512` caps the level (benches and tests); a level the
+//! CPU lacks falls back to the best one it has.
+//!
+//! ## Why 8-bit activations (measured; see BENCHMARKS.md, "Kernels")
+//! Matvec on decode-sized shapes is bound by the weight stream; the activations
+//! are a few KiB and stay in L1/L2. Keeping activations in f32 means widening every
+//! weight to f32 and one FMA per weight (4 f32 lanes per weight byte for Q4_0),
+//! whereas 8-bit activations take one `vpmaddubsw`/`vpdpbusd` per 32-64 weights.
+//! Measured on the AMD EPYC (Zen 4) dev box, Q4_0 2048x8192, 1 thread, hot in cache:
+//! int8 path (AVX2) ~2.3x the GB/s of an f32-activation AVX2 kernel, and only the int8
+//! path keeps up with DRAM at 1 thread. The cost is the activation rounding error
+//! (relative error ~ 1/254 per element, averaging out over a row), which is
+//! what llama.cpp ships with. So activations are quantized like ggml does.
+//!
+//! The activation buffers also carry SIMD-friendly side data derived once per call
+//! (f32 block scales, contiguous quants, per-block sums) so the per-row inner loops
+//! do not re-decode them for every weight row.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::blocks::{f16_to_f32, BlockQ8_0, BlockQ8_1, BlockQ8_K};
+use crate::{GgmlType, QuantError, QK, QK_K};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+/// A kernel implementation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    Scalar,
+    Neon,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Neon => "neon",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Level> {
+        [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .find(|l| l.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Whether this CPU can run the level (cached feature detection).
+    pub fn is_available(self) -> bool {
+        available_levels().contains(&self)
+    }
+}
+
+/// Every level this CPU can run, lowest first. Detected once.
+pub fn available_levels() -> &'static [Level] {
+    static LEVELS: OnceLock<Vec<Level>> = OnceLock::new();
+    LEVELS.get_or_init(|| {
+        let mut v = vec![Level::Scalar];
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Level::Neon);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 {
+                v.push(Level::Avx2);
+            }
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(Level::Avx512);
+            }
+        }
+        v
+    })
+}
+
+/// The level the public entry points use: the best available one, capped by
+/// `GRAFT_KERNEL` when set. Read once per process.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let best = *available_levels().last().unwrap_or(&Level::Scalar);
+        match std::env::var("GRAFT_KERNEL")
+            .ok()
+            .and_then(|s| Level::from_name(&s))
+        {
+            Some(want) => available_levels()
+                .iter()
+                .copied()
+                .filter(|l| *l <= want)
+                .next_back()
+                .unwrap_or(Level::Scalar),
+            None => best,
+        }
+    })
+}
+
+/// Dots `out.len()` consecutive weight rows of `row_bytes` bytes each (in `w`)
+/// with one token's activations. Callers guarantee
+/// `w.len() == out.len() * row_bytes` and `row_bytes == ty.row_size(act.len())`.
+pub(crate) type RowsFn = fn(w: &[u8], row_bytes: usize, act: &Activations, out: &mut [f32]);
+
+/// The kernel for `w` at `lvl`, falling back to the next lower level that has one.
+fn rows_fn(lvl: Level, w: GgmlType) -> Result<RowsFn, QuantError> {
+    if !lvl.is_available() {
+        return Err(QuantError::Unsupported {
+            ty: w,
+            what: "kernel level not available on this CPU",
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if lvl >= Level::Avx512 {
+            if let Some(f) = avx512::rows_fn(w) {
+                return Ok(f);
+            }
+        }
+        if lvl >= Level::Avx2 {
+            if let Some(f) = avx2::rows_fn(w) {
+                return Ok(f);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if lvl >= Level::Neon {
+        if let Some(f) = neon::rows_fn(w) {
+            return Ok(f);
+        }
+    }
+    scalar::rows_fn(w).ok_or(QuantError::Unsupported {
+        ty: w,
+        what: "no dot-product kernel for this weight type",
+    })
+}
+
+/// The activation type a weight type's dot product consumes (ggml's `vec_dot_type`,
+/// except that F16/BF16 weights take F32 activations).
+pub fn vec_dot_type(w: GgmlType) -> GgmlType {
+    match w {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 => GgmlType::Q8_1,
+        GgmlType::Q2_K
+        | GgmlType::Q3_K
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K
+        | GgmlType::Q8_K => GgmlType::Q8_K,
+    }
+}
+
+/// Whether [`vec_dot`]/[`matmul`] accept weights of this type.
+pub fn supports(w: GgmlType) -> bool {
+    scalar::rows_fn(w).is_some()
+}
+
+/// One token's activations, quantized for the dot products of one weight type.
+///
+/// Holds the ggml blocks ([`Activations::as_bytes`]) plus side data derived from
+/// them once (f32 scales, contiguous quants, per-block sums) for the SIMD kernels.
+#[derive(Clone, Debug, Default)]
+pub struct Activations {
+    ty: Option<GgmlType>,
+    n: usize,
+    /// F32 activations.
+    pub(crate) f: Vec<f32>,
+    pub(crate) q8_0: Vec<BlockQ8_0>,
+    pub(crate) q8_1: Vec<BlockQ8_1>,
+    pub(crate) q8_k: Vec<BlockQ8_K>,
+    /// Q8_0/Q8_1: all quants, contiguous (n bytes).
+    pub(crate) qs: Vec<i8>,
+    /// Q8_0/Q8_1: per 32-block scale d as f32.
+    pub(crate) d: Vec<f32>,
+    /// Q8_1: per 32-block `s` (d * sum of quants, as stored) as f32.
+    pub(crate) s: Vec<f32>,
+    /// Q8_0: per 32-block sum of the quants (offset corrections for Q4_0/Q5_0).
+    pub(crate) sum: Vec<i32>,
+}
+
+impl Activations {
+    /// The activation type (Q8_0, Q8_1, Q8_K or F32).
+    pub fn ty(&self) -> GgmlType {
+        self.ty.unwrap_or(GgmlType::F32)
+    }
+
+    /// Number of activation elements.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The activations in ggml's layout for [`Activations::ty`] (Q8_K blocks in
+    /// their native in-memory layout, F32 little-endian).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self.ty() {
+            GgmlType::Q8_0 => bytemuck::cast_slice(&self.q8_0),
+            GgmlType::Q8_1 => bytemuck::cast_slice(&self.q8_1),
+            GgmlType::Q8_K => bytemuck::cast_slice(&self.q8_k),
+            _ => bytemuck::cast_slice(&self.f),
+        }
+    }
+
+    /// Wraps already-quantized Q8_0 blocks (e.g. from [`crate::quantize_row`]).
+    pub fn from_q8_0(blocks: Vec<BlockQ8_0>) -> Self {
+        let n = blocks.len() * QK;
+        let mut a = Activations {
+            ty: Some(GgmlType::Q8_0),
+            n,
+            qs: Vec::with_capacity(n),
+            d: Vec::with_capacity(blocks.len()),
+            sum: Vec::with_capacity(blocks.len()),
+            ..Default::default()
+        };
+        for b in &blocks {
+            a.qs.extend_from_slice(&b.qs);
+            a.d.push(f16_to_f32(b.d));
+            a.sum.push(b.qs.iter().map(|&q| q as i32).sum());
+        }
+        a.q8_0 = blocks;
+        a
+    }
+
+    /// Wraps already-quantized Q8_1 blocks.
+    pub fn from_q8_1(blocks: Vec<BlockQ8_1>) -> Self {
+        let n = blocks.len() * QK;
+        let mut a = Activations {
+            ty: Some(GgmlType::Q8_1),
+            n,
+            qs: Vec::with_capacity(n),
+            d: Vec::with_capacity(blocks.len()),
+            s: Vec::with_capacity(blocks.len()),
+            ..Default::default()
+        };
+        for b in &blocks {
+            a.qs.extend_from_slice(&b.qs);
+            a.d.push(f16_to_f32(b.d));
+            a.s.push(f16_to_f32(b.s));
+        }
+        a.q8_1 = blocks;
+        a
+    }
+
+    /// Wraps already-quantized Q8_K blocks.
+    pub fn from_q8_k(blocks: Vec<BlockQ8_K>) -> Self {
+        Activations {
+            ty: Some(GgmlType::Q8_K),
+            n: blocks.len() * QK_K,
+            q8_k: blocks,
+            ..Default::default()
+        }
+    }
+
+    /// Wraps f32 activations.
+    pub fn from_f32(x: Vec<f32>) -> Self {
+        Activations {
+            ty: Some(GgmlType::F32),
+            n: x.len(),
+            f: x,
+            ..Default::default()
+        }
+    }
+}
+
+/// Quantizes one token's activations `x` for dot products with weights of type `w`.
+pub fn quantize_activations(w: GgmlType, x: &[f32]) -> Result<Activations, QuantError> {
+    if !supports(w) {
+        return Err(QuantError::Unsupported {
+            ty: w,
+            what: "no dot-product kernel for this weight type",
+        });
+    }
+    let at = vec_dot_type(w);
+    at.row_size(x.len())?;
+    Ok(match at {
+        GgmlType::Q8_0 => {
+            let mut b = vec![BlockQ8_0::default(); x.len() / QK];
+            crate::legacy::quantize_q8_0(x, &mut b);
+            Activations::from_q8_0(b)
+        }
+        GgmlType::Q8_1 => {
+            let mut b = vec![BlockQ8_1::default(); x.len() / QK];
+            crate::legacy::quantize_q8_1(x, &mut b);
+            Activations::from_q8_1(b)
+        }
+        GgmlType::Q8_K => {
+            let mut b = vec![BlockQ8_K::default(); x.len() / QK_K];
+            crate::kquants::quantize_q8_k(x, &mut b);
+            Activations::from_q8_k(b)
+        }
+        _ => Activations::from_f32(x.to_vec()),
+    })
+}
+
+fn check_act(w: GgmlType, act: &Activations) -> Result<usize, QuantError> {
+    if act.ty() != vec_dot_type(w) {
+        return Err(QuantError::Unsupported {
+            ty: w,
+            what: "activations were quantized for another weight type",
+        });
+    }
+    w.row_size(act.len())
+}
+
+/// Dot product of one weight row (`row`, type `w`) with activations from
+/// [`quantize_activations`] for the same type, at the process-wide [`level`].
+pub fn vec_dot(w: GgmlType, row: &[u8], act: &Activations) -> Result<f32, QuantError> {
+    vec_dot_with(level(), w, row, act)
+}
+
+/// [`vec_dot`] at an explicit level (tests and benches).
+pub fn vec_dot_with(
+    lvl: Level,
+    w: GgmlType,
+    row: &[u8],
+    act: &Activations,
+) -> Result<f32, QuantError> {
+    let f = rows_fn(lvl, w)?;
+    let rb = check_act(w, act)?;
+    if row.len() != rb {
+        return Err(QuantError::ByteSize {
+            ty: w,
+            len: act.len(),
+            found: row.len(),
+            expected: rb,
+        });
+    }
+    let mut out = [0f32];
+    if rb > 0 {
+        f(row, rb, act, &mut out);
+    }
+    Ok(out[0])
+}
+
+/// `y[t, r] = sum_c W[r, c] * x[t, c]`: W is `rows` x `cols` row-major in type `w`,
+/// `x` is `n_tokens` x `cols`, `y` is `n_tokens` x `rows`. Rows are split across the
+/// current rayon pool; activations are quantized once per call.
+pub fn matmul(
+    w: GgmlType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), QuantError> {
+    matmul_with(level(), w, weights, rows, cols, x, n_tokens, y)
+}
+
+/// [`matmul`] with one token.
+pub fn matvec(
+    w: GgmlType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<(), QuantError> {
+    matmul(w, weights, rows, cols, x, 1, y)
+}
+
+fn f32_len_check(len: usize, found: usize) -> Result<(), QuantError> {
+    if len != found {
+        return Err(QuantError::ByteSize {
+            ty: GgmlType::F32,
+            len,
+            found: found.saturating_mul(4),
+            expected: len.saturating_mul(4),
+        });
+    }
+    Ok(())
+}
+
+/// Rows per row tile of the multi-row kernels; chunks are multiples of it.
+const ROW_TILE: usize = 4;
+/// Weight bytes per chunk when several tokens reuse it: well inside L2 (1 MiB on
+/// the target) so the chunk is read from DRAM once and from L2 n_tokens - 1 times.
+const TOKEN_TILE_BYTES: usize = 256 << 10;
+
+/// [`matmul`] at an explicit level (tests and benches).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with(
+    lvl: Level,
+    w: GgmlType,
+    weights: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), QuantError> {
+    let f = rows_fn(lvl, w)?;
+    let rb = w.row_size(cols)?;
+    let wbytes = rows
+        .checked_mul(rb)
+        .ok_or(QuantError::Overflow { ty: w, len: cols })?;
+    if weights.len() != wbytes {
+        return Err(QuantError::ByteSize {
+            ty: w,
+            len: rows.saturating_mul(cols),
+            found: weights.len(),
+            expected: wbytes,
+        });
+    }
+    let xl = n_tokens.checked_mul(cols).ok_or(QuantError::Overflow {
+        ty: GgmlType::F32,
+        len: cols,
+    })?;
+    f32_len_check(xl, x.len())?;
+    let yl = n_tokens.checked_mul(rows).ok_or(QuantError::Overflow {
+        ty: GgmlType::F32,
+        len: rows,
+    })?;
+    f32_len_check(yl, y.len())?;
+    vec_dot_type(w).row_size(cols)?;
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+
+    let acts: Vec<Activations> = if n_tokens == 1 {
+        vec![quantize_activations(w, x)?]
+    } else {
+        x.par_chunks(cols)
+            .map(|xt| quantize_activations(w, xt))
+            .collect::<Result<_, _>>()?
+    };
+
+    let threads = rayon::current_num_threads().max(1);
+    if n_tokens == 1 {
+        // A few large tasks per thread: enough to even out a slow thread, few enough
+        // that each task streams a long run of consecutive rows.
+        let chunk = round_up(rows.div_ceil(threads * 4), ROW_TILE).min(rows);
+        let act = &acts[0];
+        y.par_chunks_mut(chunk)
+            .zip(weights.par_chunks(chunk * rb))
+            .for_each(|(yc, wc)| f(wc, rb, act, yc));
+        return Ok(());
+    }
+
+    // Several tokens: a chunk of rows small enough to stay in L2 is dotted with every
+    // token before moving on. Results land chunk-major ([chunk][token][row]) so each
+    // task owns one contiguous slice; they are scattered into y afterwards.
+    let by_cache = (TOKEN_TILE_BYTES / rb).max(1);
+    let by_threads = rows.div_ceil(threads * 2);
+    let chunk = round_up(by_cache.min(by_threads).max(1), ROW_TILE).min(rows);
+    let mut tmp = vec![0f32; yl];
+    tmp.par_chunks_mut(chunk * n_tokens)
+        .zip(weights.par_chunks(chunk * rb))
+        .for_each(|(tc, wc)| {
+            let cr = wc.len() / rb;
+            for (act, out) in acts.iter().zip(tc.chunks_mut(cr)) {
+                f(wc, rb, act, out);
+            }
+        });
+    for (ci, tc) in tmp.chunks(chunk * n_tokens).enumerate() {
+        let r0 = ci * chunk;
+        let cr = tc.len() / n_tokens;
+        for (t, src) in tc.chunks(cr).enumerate() {
+            y[t * rows + r0..t * rows + r0 + cr].copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}

@@ -1,1 +1,96 @@
-fn main() {}
+//! `graft`: the command-line front of the graft runtime.
+
+mod inspect;
+mod quantize;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "graft",
+    version,
+    about = "Embedded LLM inference and on-device adaptation runtime",
+    long_about = "graft runs quantized GGUF/HF models with hot-swappable adapters.\n\
+                  Set RUST_LOG=debug for detailed logs."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
+    ///
+    /// FILE may be a GGUF model or LoRA adapter, a .safetensors file, an HF checkpoint
+    /// directory (config.json + safetensors, sharded or not) or a PEFT adapter directory.
+    Inspect {
+        /// The file or directory to inspect.
+        file: PathBuf,
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quantize a model with one of llama.cpp's recipes and write a GGUF file.
+    ///
+    /// IN is a GGUF file (F32/F16/BF16, or an already quantized one) or an HF checkpoint
+    /// directory. Per-tensor types follow llama.cpp's choices for the recipe.
+    Quantize {
+        /// Source model: a .gguf file or an HF checkpoint directory.
+        input: PathBuf,
+        /// Destination .gguf file.
+        output: PathBuf,
+        /// Recipe: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q2_K_S, Q3_K_S, Q3_K_M,
+        /// Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (Q3_K/Q4_K/Q5_K mean the _M recipes).
+        #[arg(long = "type", short = 't', default_value = "Q4_K_M")]
+        ty: String,
+        /// Give every weight matrix the recipe's base type (no per-tensor bumps).
+        #[arg(long)]
+        pure: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Quantize {
+            input,
+            output,
+            ty,
+            pure,
+            threads,
+        } => quantize::run(&input, &output, &ty, pure, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the whole cause chain.
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes command output; a closed pipe (`graft inspect ... | head`) is not an error.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}

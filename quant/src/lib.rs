@@ -126,7 +126,7 @@ pub fn quantize_matrix(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Ve
     if n_per_row == 0 {
         return Ok(Vec::new());
     }
-    if src.len() % n_per_row != 0 {
+    if !src.len().is_multiple_of(n_per_row) {
         return Err(QuantError::NotBlockMultiple {
             ty,
             len: src.len(),
@@ -145,12 +145,16 @@ pub fn quantize_matrix(ty: GgmlType, src: &[f32], n_per_row: usize) -> Result<Ve
 }
 
 /// Dequantizes a row-major matrix of rows of `n_per_row` elements, rows in parallel.
-pub fn dequantize_matrix(ty: GgmlType, src: &[u8], n_per_row: usize) -> Result<Vec<f32>, QuantError> {
+pub fn dequantize_matrix(
+    ty: GgmlType,
+    src: &[u8],
+    n_per_row: usize,
+) -> Result<Vec<f32>, QuantError> {
     let row_bytes = ty.row_size(n_per_row)?;
     if n_per_row == 0 || row_bytes == 0 {
         return Ok(Vec::new());
     }
-    if src.len() % row_bytes != 0 {
+    if !src.len().is_multiple_of(row_bytes) {
         return Err(QuantError::ByteSize {
             ty,
             len: n_per_row,

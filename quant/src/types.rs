@@ -133,7 +133,7 @@ impl GgmlType {
     /// Bytes taken by `n` elements, which must be a whole number of blocks.
     pub fn row_size(self, n: usize) -> Result<usize, QuantError> {
         let bs = self.block_size();
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(QuantError::NotBlockMultiple {
                 ty: self,
                 len: n,
@@ -182,6 +182,7 @@ mod tests {
         assert_eq!(GgmlType::Q3_K.bits_per_weight(), 3.4375);
         assert_eq!(GgmlType::Q4_0.row_size(256).unwrap(), 144);
         assert!(GgmlType::Q4_K.row_size(255).is_err());
-        assert!(GgmlType::Q4_0.row_size(usize::MAX - 31).is_err());
+        // a row of usize::MAX - 31 elements of Q8_K bytes overflows usize
+        assert!(GgmlType::Q8_K.row_size(usize::MAX - 255).is_err());
     }
 }

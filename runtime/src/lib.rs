@@ -3,4 +3,5 @@
 
 pub mod gguf;
 pub mod hf_config;
+pub mod quantize;
 pub mod safetensors;

@@ -81,14 +81,15 @@ impl<'a> Cursor<'a> {
 
     /// A declared length (string bytes, array elements of `elem_size` bytes at
     /// least) checked against the bytes left, so nothing is allocated from it unchecked.
-    fn check_len(&self, len: u64, elem_size: u64, field: Field) -> Result<usize> {
+    /// `at` is where the length field itself starts (for the error message).
+    fn check_len(&self, at: usize, len: u64, elem_size: u64, field: Field) -> Result<usize> {
         let avail = self.remaining() as u64;
         match len.checked_mul(elem_size) {
             Some(total) if total <= avail => usize::try_from(len)
                 .map_err(|_| self.err(GgufErrorKind::SizeOverflow { field: field() })),
             _ => Err(self.err(GgufErrorKind::LengthOutOfBounds {
                 field: field(),
-                offset: self.pos as u64,
+                offset: at as u64,
                 found: len,
                 available: avail,
             })),
@@ -97,9 +98,9 @@ impl<'a> Cursor<'a> {
 
     /// u64 length + UTF-8 bytes, borrowed.
     fn str(&mut self, field: Field) -> Result<&'a str> {
+        let at = self.pos;
         let len_raw = self.u64(&|| format!("{} length", field()))?;
-        // Report a bad length at the length field itself.
-        let len = self.check_len(len_raw, 1, &|| format!("{} length", field()))?;
+        let len = self.check_len(at, len_raw, 1, &|| format!("{} length", field()))?;
         let start = self.pos;
         let bytes = self.take(len, field)?;
         std::str::from_utf8(bytes).map_err(|_| {
@@ -177,11 +178,12 @@ impl<'a> Cursor<'a> {
 
     fn array(&mut self, field: Field) -> Result<GgufArray> {
         let elem = self.value_type(&|| format!("{} array element type", field()))?;
+        let at = self.pos;
         let count_raw = self.u64(&|| format!("{} array count", field()))?;
         if elem == GgufValueType::Array {
             return Err(self.err(GgufErrorKind::NestedArray { field: field() }));
         }
-        let count = self.check_len(count_raw, elem.min_encoded_size(), &|| {
+        let count = self.check_len(at, count_raw, elem.min_encoded_size(), &|| {
             format!("{} array count", field())
         })?;
         let elems = &|| format!("{} array<{elem}>[{count}] elements", field());

@@ -1,6 +1,684 @@
-use super::RowsFn;
-use crate::GgmlType;
+//! x86_64 AVX2 + FMA + F16C kernels for every weight type.
+//!
+//! Legacy quants dot 4 rows per pass so each activation load (and its offset
+//! correction) is shared by 4 weight rows; k-quants do one row per pass (their
+//! per-row decode work dwarfs the activation loads). A tile row runs exactly the
+//! same instruction sequence as a single row, so results do not depend on the tiling.
 
-pub(super) fn rows_fn(_w: GgmlType) -> Option<RowsFn> {
-    None
+// Indexing the per-row accumulator arrays by row reads better than zipped iterators.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::{Activations, RowsFn};
+use crate::blocks::*;
+use crate::kernels::scalar::{k4_scales_mins, q3_k_scales};
+use crate::{GgmlType, QK, QK_K};
+
+pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
+    Some(match w {
+        GgmlType::F32 => rows_f32,
+        GgmlType::F16 => rows_f16,
+        GgmlType::BF16 => rows_bf16,
+        GgmlType::Q4_0 => rows_q4_0,
+        GgmlType::Q4_1 => rows_q4_1,
+        GgmlType::Q5_0 => rows_q5_0,
+        GgmlType::Q5_1 => rows_q5_1,
+        GgmlType::Q8_0 => rows_q8_0,
+        GgmlType::Q2_K => rows_q2_k,
+        GgmlType::Q3_K => rows_q3_k,
+        GgmlType::Q4_K => rows_q4_k,
+        GgmlType::Q5_K => rows_q5_k,
+        GgmlType::Q6_K => rows_q6_k,
+        _ => return None,
+    })
+}
+
+/// Checks the invariants the raw-pointer kernels rely on (guaranteed by the
+/// public entry points; a failure here is a bug in this module, not bad input).
+fn check(t: GgmlType, w: &[u8], rb: usize, a: &Activations, out: &[f32]) -> usize {
+    let n = rb / t.type_size() * t.block_size();
+    let ok = w.len() == out.len() * rb
+        && rb == n / t.block_size() * t.type_size()
+        && match super::vec_dot_type(t) {
+            GgmlType::Q8_0 => a.qs.len() >= n && a.d.len() * QK >= n && a.sum.len() * QK >= n,
+            GgmlType::Q8_1 => a.qs.len() >= n && a.d.len() * QK >= n && a.s.len() * QK >= n,
+            GgmlType::Q8_K => a.q8_k.len() * QK_K >= n,
+            _ => a.f.len() >= n,
+        };
+    assert!(ok, "kernel invariant violated for {t}");
+    n / t.block_size()
+}
+
+/// Runs `R`-row tiles then single rows. `$k` is an `unsafe fn<const R>`.
+macro_rules! rows {
+    ($name:ident, $t:expr, $k:ident, $tile:literal) => {
+        fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
+            let nb = check($t, w, rb, a, out);
+            let mut i = 0;
+            // SAFETY: rows_fn hands this kernel out only at Level::Avx2 or above,
+            // which requires runtime detection of avx2, fma and f16c; sizes checked above.
+            unsafe {
+                while i + $tile <= out.len() {
+                    $k::<$tile>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
+                    i += $tile;
+                }
+                while i < out.len() {
+                    $k::<1>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
+                    i += 1;
+                }
+            }
+        }
+    };
+    ($name:ident, $t:expr, $k:ident) => {
+        fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
+            let nb = check($t, w, rb, a, out);
+            for i in 0..out.len() {
+                // SAFETY: rows_fn hands this kernel out only at Level::Avx2 or above,
+                // which requires runtime detection of avx2, fma and f16c; sizes checked above.
+                unsafe { $k::<1>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i)) };
+            }
+        }
+    };
+}
+
+rows!(rows_f32, GgmlType::F32, k_f32, 4);
+rows!(rows_f16, GgmlType::F16, k_f16, 4);
+rows!(rows_bf16, GgmlType::BF16, k_bf16, 4);
+rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, 4);
+rows!(rows_q4_1, GgmlType::Q4_1, k_q4_1, 4);
+rows!(rows_q5_0, GgmlType::Q5_0, k_q5_0, 4);
+rows!(rows_q5_1, GgmlType::Q5_1, k_q5_1, 4);
+rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, 4);
+rows!(rows_q2_k, GgmlType::Q2_K, k_q2_k);
+rows!(rows_q3_k, GgmlType::Q3_K, k_q3_k);
+rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
+rows!(rows_q5_k, GgmlType::Q5_K, k_q5_k);
+rows!(rows_q6_k, GgmlType::Q6_K, k_q6_k);
+
+// ---- helpers ----------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_ps128(s: __m128) -> f32 {
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// One little-endian f16 at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
+    let h = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// 16 packed nibbles -> 32 bytes: low nibbles (values 0..16) then high (16..32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    let q = _mm_loadu_si128(p as *const __m128i);
+    _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+        _mm256_set1_epi8(0x0F),
+    )
+}
+
+/// Byte j = 0xFF where bit j of `x` is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bytes_from_bits(x: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bit = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, bit), _mm256_set1_epi64x(-1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn loadu(p: *const i8) -> __m256i {
+    _mm256_loadu_si256(p as *const __m256i)
+}
+
+// ---- float weights ------------------------------------------------------------------
+
+/// Shared body of the float kernels: `$load(ptr, i)` widens 8 weights at element i.
+macro_rules! float_kernel {
+    ($name:ident, $esize:literal, $load:ident, $one:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<const R: usize>(
+            w: *const u8,
+            rb: usize,
+            n: usize,
+            a: &Activations,
+            out: *mut f32,
+        ) {
+            let x = a.f.as_ptr();
+            let mut acc0 = [_mm256_setzero_ps(); R];
+            let mut acc1 = [_mm256_setzero_ps(); R];
+            let mut i = 0;
+            while i + 16 <= n {
+                let x0 = _mm256_loadu_ps(x.add(i));
+                let x1 = _mm256_loadu_ps(x.add(i + 8));
+                for r in 0..R {
+                    let p = w.add(r * rb);
+                    acc0[r] = _mm256_fmadd_ps($load(p, i), x0, acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps($load(p, i + 8), x1, acc1[r]);
+                }
+                i += 16;
+            }
+            if i + 8 <= n {
+                let x0 = _mm256_loadu_ps(x.add(i));
+                for r in 0..R {
+                    acc0[r] = _mm256_fmadd_ps($load(w.add(r * rb), i), x0, acc0[r]);
+                }
+                i += 8;
+            }
+            for r in 0..R {
+                let p = w.add(r * rb);
+                let mut s = hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
+                for j in i..n {
+                    s += $one(p.add(j * $esize)) * *x.add(j);
+                }
+                *out.add(r) = s;
+            }
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_f32(p: *const u8, i: usize) -> __m256 {
+    _mm256_loadu_ps((p as *const f32).add(i))
+}
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_f32(p: *const u8) -> f32 {
+    (p as *const f32).read_unaligned()
+}
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_f16(p: *const u8, i: usize) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i))
+}
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_bf16(p: *const u8, i: usize) -> __m256 {
+    let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(2 * i) as *const __m128i));
+    _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
+}
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_bf16(p: *const u8) -> f32 {
+    f32::from_bits(((p as *const u16).read_unaligned() as u32) << 16)
+}
+
+float_kernel!(k_f32, 4, ld_f32, one_f32);
+float_kernel!(k_f16, 2, ld_f16, f16_at);
+float_kernel!(k_bf16, 2, ld_bf16, one_bf16);
+
+// ---- legacy quants ------------------------------------------------------------------
+
+/// Q4_0: sum((q - 8) * y) = maddubs(q, y) - maddubs(8, y); the second term depends
+/// only on the activations and is shared by the tile's rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q4_0<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let off = _mm256_set1_epi8(8);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let y = loadu(a.qs.as_ptr().add(QK * b));
+        let c = _mm256_maddubs_epi16(off, y);
+        let dy = *a.d.get_unchecked(b);
+        for r in 0..R {
+            let blk = w.add(r * rb + 18 * b);
+            let q = nibbles(blk.add(2));
+            let p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q, y), c), ones);
+            let d = _mm256_set1_ps(f16_at(blk) * dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+        }
+    }
+    for r in 0..R {
+        *out.add(r) = hsum_ps(acc[r]);
+    }
+}
+
+/// Q4_1: unsigned nibbles times y, plus m * s per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q4_1<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut ms = [0f32; R];
+    for b in 0..nb {
+        let y = loadu(a.qs.as_ptr().add(QK * b));
+        let dy = *a.d.get_unchecked(b);
+        let sy = *a.s.get_unchecked(b);
+        for r in 0..R {
+            let blk = w.add(r * rb + 20 * b);
+            let q = nibbles(blk.add(4));
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+            let d = _mm256_set1_ps(f16_at(blk) * dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+            ms[r] += f16_at(blk.add(2)) * sy;
+        }
+    }
+    for r in 0..R {
+        *out.add(r) = hsum_ps(acc[r]) + ms[r];
+    }
+}
+
+/// Q5_0: 5-bit unsigned q = nibble | bit << 4; offset 16 handled like Q4_0's 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q5_0<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let off = _mm256_set1_epi8(16);
+    let b4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let y = loadu(a.qs.as_ptr().add(QK * b));
+        let c = _mm256_maddubs_epi16(off, y);
+        let dy = *a.d.get_unchecked(b);
+        for r in 0..R {
+            let blk = w.add(r * rb + 22 * b);
+            let qh = (blk.add(2) as *const u32).read_unaligned();
+            let q = _mm256_or_si256(
+                nibbles(blk.add(6)),
+                _mm256_and_si256(bytes_from_bits(qh), b4),
+            );
+            let p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q, y), c), ones);
+            let d = _mm256_set1_ps(f16_at(blk) * dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+        }
+    }
+    for r in 0..R {
+        *out.add(r) = hsum_ps(acc[r]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q5_1<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let b4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut ms = [0f32; R];
+    for b in 0..nb {
+        let y = loadu(a.qs.as_ptr().add(QK * b));
+        let dy = *a.d.get_unchecked(b);
+        let sy = *a.s.get_unchecked(b);
+        for r in 0..R {
+            let blk = w.add(r * rb + 24 * b);
+            let qh = (blk.add(4) as *const u32).read_unaligned();
+            let q = _mm256_or_si256(
+                nibbles(blk.add(8)),
+                _mm256_and_si256(bytes_from_bits(qh), b4),
+            );
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+            let d = _mm256_set1_ps(f16_at(blk) * dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+            ms[r] += f16_at(blk.add(2)) * sy;
+        }
+    }
+    for r in 0..R {
+        *out.add(r) = hsum_ps(acc[r]) + ms[r];
+    }
+}
+
+/// Q8_0: signed x signed via |w| * (y with w's sign) (|w| <= 128 fits maddubs).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q8_0<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let y = loadu(a.qs.as_ptr().add(QK * b));
+        let dy = *a.d.get_unchecked(b);
+        for r in 0..R {
+            let blk = w.add(r * rb + 34 * b);
+            let q = loadu(blk.add(2) as *const i8);
+            let ax = _mm256_sign_epi8(q, q);
+            let sy = _mm256_sign_epi8(y, q);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+            let d = _mm256_set1_ps(f16_at(blk) * dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+        }
+    }
+    for r in 0..R {
+        *out.add(r) = hsum_ps(acc[r]);
+    }
+}
+
+// ---- k-quants -----------------------------------------------------------------------
+
+/// `_mm256_shuffle_epi8` masks over 8 i16 scales (same in both 128-bit lanes):
+/// mask j puts scale 2j in the low 16 bytes and scale 2j+1 in the high 16 bytes.
+const fn pair_shuffles() -> [[u8; 32]; 4] {
+    let mut m = [[0u8; 32]; 4];
+    let mut j = 0;
+    while j < 4 {
+        let mut b = 0;
+        while b < 32 {
+            let s = if b < 16 { 2 * j } else { 2 * j + 1 };
+            m[j][b] = (2 * s + (b & 1)) as u8;
+            b += 1;
+        }
+        j += 1;
+    }
+    m
+}
+static PAIR_SHUF: [[u8; 32]; 4] = pair_shuffles();
+
+/// Mask i broadcasts i16 scale i over all 16 lanes.
+const fn splat_shuffles() -> [[u8; 32]; 8] {
+    let mut m = [[0u8; 32]; 8];
+    let mut i = 0;
+    while i < 8 {
+        let mut b = 0;
+        while b < 32 {
+            m[i][b] = (2 * i + (b & 1)) as u8;
+            b += 1;
+        }
+        i += 1;
+    }
+    m
+}
+static SPLAT_SHUF: [[u8; 32]; 8] = splat_shuffles();
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn shuf(v: __m256i, m: &[u8; 32]) -> __m256i {
+    _mm256_shuffle_epi8(v, _mm256_loadu_si256(m.as_ptr() as *const __m256i))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q2_k<const R: usize>(
+    w: *const u8,
+    _rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm256_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(84 * b) as *const BlockQ2_K);
+        let y = a.q8_k.get_unchecked(b);
+        let dall = y.d * f16_at(x.d.as_ptr());
+        let dmin = y.d * f16_at(x.dmin.as_ptr());
+        let sc = _mm_loadu_si128(x.scales.as_ptr() as *const __m128i);
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4));
+        let prod = _mm256_madd_epi16(mins, _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i));
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), accm);
+        let scales = _mm256_cvtepu8_epi16(_mm_and_si128(sc, m4));
+        let halves = [
+            _mm256_permute2x128_si256(scales, scales, 0x00),
+            _mm256_permute2x128_si256(scales, scales, 0x11),
+        ];
+        let mut sumi = _mm256_setzero_si256();
+        for (n, scs) in halves.iter().enumerate() {
+            let q2 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * n) as *const __m256i);
+            for j in 0..4 {
+                let q = _mm256_and_si256(_mm256_srl_epi16(q2, _mm_cvtsi32_si128(2 * j as i32)), m3);
+                let yv = loadu(y.qs.as_ptr().add(128 * n + 32 * j));
+                let p = _mm256_maddubs_epi16(q, yv);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(shuf(*scs, &PAIR_SHUF[j]), p));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dall), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *out = hsum_ps(acc) - hsum_ps(accm);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q3_k<const R: usize>(
+    w: *const u8,
+    _rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(110 * b) as *const BlockQ3_K);
+        let y = a.q8_k.get_unchecked(b);
+        let d = y.d * f16_at(x.d.as_ptr());
+        let s8 = q3_k_scales(&x.scales);
+        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(s8.as_ptr() as *const __m128i));
+        let halves = [
+            _mm256_permute2x128_si256(scales, scales, 0x00),
+            _mm256_permute2x128_si256(scales, scales, 0x11),
+        ];
+        let hbits = _mm256_loadu_si256(x.hmask.as_ptr() as *const __m256i);
+        let mut sumi = _mm256_setzero_si256();
+        for (n, scs) in halves.iter().enumerate() {
+            let q3 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * n) as *const __m256i);
+            for j in 0..4 {
+                let ql =
+                    _mm256_and_si256(_mm256_srl_epi16(q3, _mm_cvtsi32_si128(2 * j as i32)), m3);
+                let bit = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
+                // 4 where the high bit is clear: value = ql - 4 * !h
+                let h4 = _mm256_and_si256(
+                    _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), _mm256_setzero_si256()),
+                    four,
+                );
+                let yv = loadu(y.qs.as_ptr().add(128 * n + 32 * j));
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(ql, yv), _mm256_maddubs_epi16(h4, yv));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(shuf(*scs, &PAIR_SHUF[j]), p));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *out = hsum_ps(acc);
+}
+
+/// Q4_K/Q5_K shared part: scales as i16 broadcast over both lanes, and the min
+/// correction sum_j m_j * (bsum_2j + bsum_2j+1) accumulated (times dmin) into `accm`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_prep(scales: &[u8; 12], y: &BlockQ8_K, dmin: f32, accm: &mut __m128) -> __m256i {
+    let (sc, m) = k4_scales_mins(scales);
+    let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
+    let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+    let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+    let prod = _mm_madd_epi16(mins, pairs);
+    *accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), *accm);
+    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+        sc.as_ptr() as *const __m128i
+    )))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q4_k<const R: usize>(
+    w: *const u8,
+    _rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let m4 = _mm256_set1_epi8(0xF);
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(144 * b) as *const BlockQ4_K);
+        let y = a.q8_k.get_unchecked(b);
+        let d = y.d * f16_at(x.d.as_ptr());
+        let dmin = y.d * f16_at(x.dmin.as_ptr());
+        let scs = k4_prep(&x.scales, y, dmin, &mut accm);
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..4 {
+            let q4 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
+            let lo = _mm256_and_si256(q4, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            let plo = _mm256_maddubs_epi16(lo, loadu(y.qs.as_ptr().add(64 * c)));
+            let phi = _mm256_maddubs_epi16(hi, loadu(y.qs.as_ptr().add(64 * c + 32)));
+            let plo = _mm256_madd_epi16(shuf(scs, &SPLAT_SHUF[2 * c]), plo);
+            let phi = _mm256_madd_epi16(shuf(scs, &SPLAT_SHUF[2 * c + 1]), phi);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *out = hsum_ps(acc) - hsum_ps128(accm);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q5_k<const R: usize>(
+    w: *const u8,
+    _rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m1 = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(176 * b) as *const BlockQ5_K);
+        let y = a.q8_k.get_unchecked(b);
+        let d = y.d * f16_at(x.d.as_ptr());
+        let dmin = y.d * f16_at(x.dmin.as_ptr());
+        let scs = k4_prep(&x.scales, y, dmin, &mut accm);
+        let hbits = _mm256_loadu_si256(x.qh.as_ptr() as *const __m256i);
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..4 {
+            let q4 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * c) as *const __m256i);
+            let h0 = _mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * c as i32)), m1);
+            let h1 = _mm256_and_si256(
+                _mm256_srl_epi16(hbits, _mm_cvtsi32_si128(2 * c as i32 + 1)),
+                m1,
+            );
+            let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), _mm256_slli_epi16(h0, 4));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
+                _mm256_slli_epi16(h1, 4),
+            );
+            let plo = _mm256_maddubs_epi16(lo, loadu(y.qs.as_ptr().add(64 * c)));
+            let phi = _mm256_maddubs_epi16(hi, loadu(y.qs.as_ptr().add(64 * c + 32)));
+            let plo = _mm256_madd_epi16(shuf(scs, &SPLAT_SHUF[2 * c]), plo);
+            let phi = _mm256_madd_epi16(shuf(scs, &SPLAT_SHUF[2 * c + 1]), phi);
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *out = hsum_ps(acc) - hsum_ps128(accm);
+}
+
+/// `_mm_shuffle_epi8` masks over Q6_K's 16 i8 scales: mask i = [2i x8, 2i+1 x8].
+const fn q6_shuffles() -> [[u8; 16]; 8] {
+    let mut m = [[0u8; 16]; 8];
+    let mut i = 0;
+    while i < 8 {
+        let mut b = 0;
+        while b < 16 {
+            m[i][b] = (2 * i + b / 8) as u8;
+            b += 1;
+        }
+        i += 1;
+    }
+    m
+}
+static Q6_SHUF: [[u8; 16]; 8] = q6_shuffles();
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_q6_k<const R: usize>(
+    w: *const u8,
+    _rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(210 * b) as *const BlockQ6_K);
+        let y = a.q8_k.get_unchecked(b);
+        let d = y.d * f16_at(x.d.as_ptr());
+        let scales = _mm_loadu_si128(x.scales.as_ptr() as *const __m128i);
+        let mut sumi = _mm256_setzero_si256();
+        for n in 0..2 {
+            let ql1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * n) as *const __m256i);
+            let ql2 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * n + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(x.qh.as_ptr().add(32 * n) as *const __m256i);
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql2, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m2, 2)), 2),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_and_si256(qh, _mm256_slli_epi16(m2, 4)),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4),
+                    _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_slli_epi16(m2, 6)), 2),
+                ),
+            ];
+            for (k, qk) in q.iter().enumerate() {
+                let yv = loadu(y.qs.as_ptr().add(128 * n + 32 * k));
+                let p =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(*qk, yv), _mm256_maddubs_epi16(m32, yv));
+                let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(
+                    scales,
+                    _mm_loadu_si128(Q6_SHUF[4 * n + k].as_ptr() as *const __m128i),
+                ));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s, p));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    *out = hsum_ps(acc);
 }

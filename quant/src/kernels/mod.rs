@@ -126,8 +126,7 @@ pub fn level() -> Level {
             Some(want) => available_levels()
                 .iter()
                 .copied()
-                .filter(|l| *l <= want)
-                .next_back()
+                .rfind(|l| *l <= want)
                 .unwrap_or(Level::Scalar),
             None => best,
         }

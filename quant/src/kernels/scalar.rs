@@ -2,6 +2,9 @@
 //! sums are exact; float accumulation follows ggml's generic kernels (f32 per block)
 //! except the float types, which accumulate in f64 like ggml's `ggml_float`.
 
+// Block formats index several arrays with one position; explicit indices read better.
+#![allow(clippy::needless_range_loop)]
+
 use half::{bf16, f16};
 
 use super::{Activations, RowsFn};

@@ -5,3 +5,5 @@ pub mod gguf;
 pub mod hf_config;
 pub mod quantize;
 pub mod safetensors;
+pub mod kv_cache;
+pub mod model;

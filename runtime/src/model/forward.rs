@@ -1,0 +1,369 @@
+//! The batched forward pass: RMSNorm, RoPE, causal GQA attention over the paged KV
+//! cache, SwiGLU, on weights in any supported type.
+//!
+//! One call processes a batch of tokens that may belong to several sequences at
+//! different positions (prefill and decode alike); each token attends to its own
+//! sequence only.
+
+use std::collections::HashMap;
+
+use graft_quant::kernels;
+use rayon::prelude::*;
+
+use super::{Model, ModelError, RopeScaling, RopeStyle, Weight};
+use crate::kv_cache::{KvCache, SeqId};
+
+/// One token of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchToken {
+    pub token: u32,
+    /// Position within its sequence.
+    pub pos: usize,
+    pub seq: SeqId,
+    /// Whether to return logits for this token.
+    pub logits: bool,
+}
+
+/// Tokens to run in one forward step.
+pub type Batch = [BatchToken];
+
+/// Logits of the batch tokens that asked for them, in batch order.
+#[derive(Debug, Clone, Default)]
+pub struct Logits {
+    pub n_vocab: usize,
+    /// Batch index of each row.
+    pub rows: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Row `i` (the i-th token that asked for logits).
+    pub fn row(&self, i: usize) -> &[f32] {
+        self.data
+            .get(i * self.n_vocab..(i + 1) * self.n_vocab)
+            .unwrap_or(&[])
+    }
+
+    /// The row of batch index `b`, if that token asked for logits.
+    pub fn for_batch_index(&self, b: usize) -> Option<&[f32]> {
+        let i = self.rows.iter().position(|&r| r == b)?;
+        Some(self.row(i))
+    }
+}
+
+/// Reusable buffers, so decode steps do not allocate per layer.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+fn fwd_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Forward(e.to_string())
+}
+
+fn linear(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), ModelError> {
+    kernels::matmul(w.ty, w.data(), w.rows, w.cols, x, n, y).map_err(fwd_err)
+}
+
+/// ggml's rms_norm: the mean of squares accumulated in f64.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, &bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+}
+
+impl Model {
+    /// cos/sin of each rotated pair at `pos`, computed like ggml's rope cache
+    /// (theta advanced by repeated multiplication in f32).
+    fn rope_angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+        let c = &self.config;
+        let theta_scale = c.rope_base.powf(-2.0 / c.n_rot as f32);
+        let freq_scale = match c.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        };
+        let mut theta = pos as f32;
+        for i in 0..c.n_rot / 2 {
+            let ff = self
+                .rope_freqs
+                .as_ref()
+                .and_then(|f| f.get(i))
+                .copied()
+                .unwrap_or(1.0);
+            let t = freq_scale * (theta / ff);
+            cos[i] = t.cos();
+            sin[i] = t.sin();
+            theta *= theta_scale;
+        }
+    }
+
+    /// Rotates every head of every token in `x` (`n_heads * head_dim` per token).
+    fn apply_rope(&self, x: &mut [f32], n_heads: usize, cos_all: &[f32], sin_all: &[f32]) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let half = c.n_rot / 2;
+        for (t, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
+            let (cos, sin) = (
+                &cos_all[t * half..(t + 1) * half],
+                &sin_all[t * half..(t + 1) * half],
+            );
+            for head in row.chunks_exact_mut(hd) {
+                match c.rope_style {
+                    RopeStyle::Normal => {
+                        for i in 0..half {
+                            let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                            head[2 * i] = x0 * cos[i] - x1 * sin[i];
+                            head[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+                        }
+                    }
+                    RopeStyle::Neox => {
+                        for i in 0..half {
+                            let (x0, x1) = (head[i], head[i + half]);
+                            head[i] = x0 * cos[i] - x1 * sin[i];
+                            head[i + half] = x0 * sin[i] + x1 * cos[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one forward step over `batch`, writing its keys and values into `cache`.
+    pub fn forward(&self, batch: &Batch, cache: &mut KvCache) -> Result<Logits, ModelError> {
+        let mut scratch = Scratch::default();
+        self.forward_with(batch, cache, &mut scratch)
+    }
+
+    /// [`forward`](Self::forward) with caller-owned scratch buffers.
+    pub fn forward_with(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<Logits, ModelError> {
+        let c = &self.config;
+        let n = batch.len();
+        let (d, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
+        if n == 0 {
+            return Ok(Logits {
+                n_vocab: c.n_vocab,
+                ..Default::default()
+            });
+        }
+
+        // Validate tokens and positions, then reserve cache blocks for every sequence.
+        let mut seq_len_after: HashMap<SeqId, usize> = HashMap::new();
+        for (i, t) in batch.iter().enumerate() {
+            if t.token as usize >= c.n_vocab {
+                return Err(ModelError::Forward(format!(
+                    "batch token {i}: id {} is out of the vocabulary (size {})",
+                    t.token, c.n_vocab
+                )));
+            }
+            let pending = seq_len_after.get(&t.seq).copied().unwrap_or(0);
+            cache.check_pos(t.seq, t.pos, pending).map_err(fwd_err)?;
+            let e = seq_len_after.entry(t.seq).or_insert(0);
+            *e = (*e).max(t.pos + 1).max(cache.seq_len(t.seq));
+        }
+        for (&seq, &len) in &seq_len_after {
+            cache.reserve(seq, len).map_err(fwd_err)?;
+        }
+
+        // Token embeddings.
+        resize(&mut s.x, n * d);
+        for (t, row) in batch.iter().zip(s.x.chunks_exact_mut(d)) {
+            self.token_embd
+                .row_into(t.token as usize, row)
+                .map_err(fwd_err)?;
+        }
+
+        // RoPE angles per token.
+        let half = c.n_rot / 2;
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
+        for (i, t) in batch.iter().enumerate() {
+            self.rope_angles(
+                t.pos,
+                &mut cos[i * half..(i + 1) * half],
+                &mut sin[i * half..(i + 1) * half],
+            );
+        }
+
+        // Sequences in this batch and how much of each the attention reads.
+        let mut seqs: Vec<SeqId> = seq_len_after.keys().copied().collect();
+        seqs.sort_unstable();
+        let seq_slot: HashMap<SeqId, usize> =
+            seqs.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        let read_len: Vec<usize> = seqs
+            .iter()
+            .map(|sq| {
+                batch
+                    .iter()
+                    .filter(|t| t.seq == *sq)
+                    .map(|t| t.pos + 1)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+
+        resize(&mut s.h, n * d);
+        resize(&mut s.q, n * qd);
+        resize(&mut s.k, n * kvd);
+        resize(&mut s.v, n * kvd);
+        resize(&mut s.attn, n * qd);
+        resize(&mut s.proj, n * d);
+        resize(&mut s.gate, n * ff);
+        resize(&mut s.up, n * ff);
+        let group = c.n_head / c.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
+            linear(&layer.wq, &s.h, n, &mut s.q)?;
+            linear(&layer.wk, &s.h, n, &mut s.k)?;
+            linear(&layer.wv, &s.h, n, &mut s.v)?;
+            add_bias(&mut s.q, layer.bq.as_ref());
+            add_bias(&mut s.k, layer.bk.as_ref());
+            add_bias(&mut s.v, layer.bv.as_ref());
+            self.apply_rope(&mut s.q, c.n_head, &cos, &sin);
+            self.apply_rope(&mut s.k, c.n_head_kv, &cos, &sin);
+            for (i, t) in batch.iter().enumerate() {
+                cache
+                    .write(
+                        li,
+                        t.seq,
+                        t.pos,
+                        &s.k[i * kvd..(i + 1) * kvd],
+                        &s.v[i * kvd..(i + 1) * kvd],
+                    )
+                    .map_err(fwd_err)?;
+            }
+
+            // Widen each (sequence, kv head) history once; every token of that
+            // sequence then reads its prefix.
+            let cache_ref = &*cache;
+            let histories: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs.len() * c.n_head_kv)
+                .into_par_iter()
+                .map(|idx| {
+                    let (si, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
+                    let len = read_len[si];
+                    let mut k = vec![0f32; len * hd];
+                    let mut v = vec![0f32; len * hd];
+                    cache_ref
+                        .read_head(li, seqs[si], len, g * hd, hd, &mut k, &mut v)
+                        .map(|()| (k, v))
+                })
+                .collect::<Result<_, _>>()
+                .map_err(fwd_err)?;
+
+            let q = &s.q;
+            s.attn
+                .par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(idx, out)| {
+                    let (ti, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
+                    let t = &batch[ti];
+                    let si = seq_slot.get(&t.seq).copied().unwrap_or(0);
+                    let (kh, vh) = &histories[si * c.n_head_kv + g];
+                    let len = t.pos + 1;
+                    let mut scores = vec![0f32; len];
+                    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+                        let head = g * group + j;
+                        let qh = &q[ti * qd + head * hd..ti * qd + (head + 1) * hd];
+                        let mut max = f32::NEG_INFINITY;
+                        for (p, sc) in scores.iter_mut().enumerate() {
+                            let kr = &kh[p * hd..(p + 1) * hd];
+                            let dot: f32 = qh.iter().zip(kr).map(|(a, b)| a * b).sum();
+                            *sc = dot * scale;
+                            max = max.max(*sc);
+                        }
+                        let mut sum = 0f32;
+                        for sc in scores.iter_mut() {
+                            *sc = (*sc - max).exp();
+                            sum += *sc;
+                        }
+                        let inv = 1.0 / sum;
+                        o.fill(0.0);
+                        for (p, &w) in scores.iter().enumerate() {
+                            let vr = &vh[p * hd..(p + 1) * hd];
+                            let w = w * inv;
+                            for (a, &b) in o.iter_mut().zip(vr) {
+                                *a += w * b;
+                            }
+                        }
+                    }
+                });
+
+            linear(&layer.wo, &s.attn, n, &mut s.proj)?;
+            for (x, p) in s.x.iter_mut().zip(&s.proj) {
+                *x += p;
+            }
+
+            rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
+            linear(&layer.w_gate, &s.h, n, &mut s.gate)?;
+            linear(&layer.w_up, &s.h, n, &mut s.up)?;
+            for (g, &u) in s.gate.iter_mut().zip(&s.up) {
+                let silu = *g / (1.0 + (-*g).exp());
+                *g = silu * u;
+            }
+            linear(&layer.w_down, &s.gate, n, &mut s.proj)?;
+            for (x, p) in s.x.iter_mut().zip(&s.proj) {
+                *x += p;
+            }
+        }
+
+        for (&seq, &len) in &seq_len_after {
+            cache.set_len(seq, len);
+        }
+
+        // Final norm and output projection for the tokens that want logits.
+        let rows: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.logits)
+            .map(|(i, _)| i)
+            .collect();
+        let mut selected = vec![0f32; rows.len() * d];
+        for (dst, &r) in selected.chunks_exact_mut(d).zip(&rows) {
+            rms_norm(&s.x[r * d..(r + 1) * d], &self.output_norm, c.rms_eps, dst);
+        }
+        let mut data = vec![0f32; rows.len() * c.n_vocab];
+        if !rows.is_empty() {
+            linear(&self.output, &selected, rows.len(), &mut data)?;
+        }
+        Ok(Logits {
+            n_vocab: c.n_vocab,
+            rows,
+            data,
+        })
+    }
+}

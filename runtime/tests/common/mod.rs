@@ -1,0 +1,261 @@
+//! Shared helpers for tests that read ../shared/conformance.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use graft_runtime::kv_cache::{KvCache, KvType};
+use graft_runtime::model::{BatchToken, Model};
+
+pub fn conformance() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
+    assert!(
+        dir.join("index.json").is_file(),
+        "conformance suite missing: expected {} (clone graft next to shared/)",
+        dir.display()
+    );
+    dir
+}
+
+#[derive(Debug)]
+pub struct GreedyCase {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub continuation: Vec<u32>,
+    pub margins: Vec<f32>,
+}
+
+#[derive(Debug)]
+pub struct Case {
+    pub name: String,
+    pub dir: PathBuf,
+    pub model: PathBuf,
+    pub ty: String,
+    pub adapters: Vec<serde_json::Value>,
+    pub greedy: Vec<GreedyCase>,
+    /// (tokens, logits [n, vocab]) per sequence.
+    pub seqs: Vec<(Vec<u32>, Vec<f32>)>,
+}
+
+pub fn load_cases() -> Vec<Case> {
+    let root = conformance();
+    let mut names: Vec<String> = std::fs::read_dir(root.join("cases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.into_iter().map(|n| load_case(&root, &n)).collect()
+}
+
+fn load_case(root: &Path, name: &str) -> Case {
+    let dir = root.join("cases").join(name);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let greedy = json["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| GreedyCase {
+            prompt: g["prompt"].as_str().unwrap().to_owned(),
+            prompt_ids: ids(&g["prompt_ids"]),
+            continuation: ids(&g["continuation"]),
+            margins: g["margins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect(),
+        })
+        .collect();
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut seqs = Vec::new();
+    for i in 0.. {
+        let Ok(tokens) = st.tensor(&format!("seq{i}.tokens")) else {
+            break;
+        };
+        let logits = st.tensor(&format!("seq{i}.logits")).unwrap();
+        let toks = tokens
+            .data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32)
+            .collect();
+        let lg = logits
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        seqs.push((toks, lg));
+    }
+    Case {
+        name: name.to_owned(),
+        model: root.join(json["model"].as_str().unwrap()),
+        ty: json["type"].as_str().unwrap().to_owned(),
+        adapters: json["adapters"].as_array().cloned().unwrap_or_default(),
+        greedy,
+        seqs,
+        dir,
+    }
+}
+
+/// README tolerance table: (max abs err / max abs ref, mean KL, top-1 margin threshold).
+pub fn tolerance(ty: &str) -> (f32, f64, f32) {
+    match ty {
+        "F32" | "F16" => (2e-3, 1e-5, 0.05),
+        "BF16" => (1e-2, 1e-4, 0.2),
+        _ => (5e-2, 5e-3, 1.0),
+    }
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Compares logits of one sequence; returns a description of the failure, if any.
+pub fn compare_logits(
+    ty: &str,
+    reference: &[f32],
+    ours: &[f32],
+    n_vocab: usize,
+) -> Result<String, String> {
+    let (rel_tol, kl_tol, margin_thr) = tolerance(ty);
+    if reference.len() != ours.len() {
+        return Err(format!(
+            "{} logits, expected {}",
+            ours.len(),
+            reference.len()
+        ));
+    }
+    let max_ref = reference.iter().fold(0f32, |a, &b| a.max(b.abs()));
+    let max_err = reference
+        .iter()
+        .zip(ours)
+        .fold(0f32, |a, (&r, &o)| a.max((r - o).abs()));
+    let rel = max_err / max_ref;
+    let mut kl_sum = 0.0;
+    let mut n = 0;
+    let mut top1_bad = Vec::new();
+    for (pos, (r, o)) in reference
+        .chunks_exact(n_vocab)
+        .zip(ours.chunks_exact(n_vocab))
+        .enumerate()
+    {
+        let (lr, lo) = (log_softmax(r), log_softmax(o));
+        kl_sum += lr
+            .iter()
+            .zip(&lo)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
+        n += 1;
+        let best = argmax(r);
+        let mut sorted = r.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let margin = sorted[0] - sorted[1];
+        if margin >= margin_thr && argmax(o) != best {
+            top1_bad.push(pos);
+        }
+    }
+    let kl = kl_sum / n as f64;
+    let summary =
+        format!("rel err {rel:.2e} (tol {rel_tol:.0e}), mean KL {kl:.2e} (tol {kl_tol:.0e})");
+    if rel > rel_tol || kl > kl_tol || !top1_bad.is_empty() {
+        return Err(format!("{summary}, top-1 differs at {top1_bad:?}"));
+    }
+    Ok(summary)
+}
+
+/// Logits at every position of `tokens` for one fresh sequence.
+pub fn logits_all(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = KvCache::for_context(
+        model.config.n_layer,
+        model.config.kv_dim(),
+        tokens.len() + 1,
+        KvType::F16,
+    );
+    let batch: Vec<BatchToken> = tokens
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchToken {
+            token,
+            pos,
+            seq: 0,
+            logits: true,
+        })
+        .collect();
+    model.forward(&batch, &mut cache).unwrap().data
+}
+
+/// Greedy continuation of `n` tokens.
+pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = KvCache::for_context(
+        model.config.n_layer,
+        model.config.kv_dim(),
+        prompt.len() + n + 1,
+        KvType::F16,
+    );
+    let batch: Vec<BatchToken> = prompt
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| BatchToken {
+            token,
+            pos,
+            seq: 0,
+            logits: pos + 1 == prompt.len(),
+        })
+        .collect();
+    let mut logits = model.forward(&batch, &mut cache).unwrap();
+    let mut out = Vec::new();
+    let mut pos = prompt.len();
+    for _ in 0..n {
+        let next = argmax(logits.row(0)) as u32;
+        out.push(next);
+        logits = model
+            .forward(
+                &[BatchToken {
+                    token: next,
+                    pos,
+                    seq: 0,
+                    logits: true,
+                }],
+                &mut cache,
+            )
+            .unwrap();
+        pos += 1;
+    }
+    out
+}
+
+/// Checks a greedy continuation against llama.cpp's up to its first low-margin step.
+pub fn compare_greedy(ty: &str, g: &GreedyCase, ours: &[u32]) -> Result<(), String> {
+    let (_, _, thr) = tolerance(ty);
+    for (step, (&want, &got)) in g.continuation.iter().zip(ours).enumerate() {
+        if g.margins.get(step).is_some_and(|&m| m < thr) {
+            return Ok(());
+        }
+        if want != got {
+            return Err(format!(
+                "greedy step {step}: {got}, llama.cpp {want} (prompt {:?})",
+                g.prompt
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,6 +1,493 @@
-use super::RowsFn;
-use crate::GgmlType;
+//! x86_64 AVX-512 (F/BW/VL) + VNNI kernels: Q4_0, Q8_0, Q4_K, Q6_K and the float
+//! types. Other types run their AVX2 kernel at this level.
+//!
+//! Q4_0/Q8_0 take 4 blocks per step: every field of these blocks starts at an even
+//! byte (blocks are 18 and 34 bytes), so one word permute (`vpermt2w`) gathers the
+//! 4 blocks' quants from two or three 64-byte loads and another gathers their 4 f16
+//! scales, already replicated across the lanes they scale. Unsigned x signed
+//! products use `vpdpbusd`; the offsets (Q4_0's 8, Q8_0's +128 bias that makes its
+//! weights unsigned) are subtracted through a per-block activation term computed once
+//! for the 4-row tile. k-quants apply their sub-block scales with `vpackssdw` +
+//! `vpdpwssd` instead of AVX2's shuffle + `vpmaddwd` per 16 values.
 
-pub(super) fn rows_fn(_w: GgmlType) -> Option<RowsFn> {
-    None
+// Per-row accumulator arrays are indexed by row.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::{f16_at, hsum_ps};
+use super::{Activations, RowsFn};
+use crate::blocks::*;
+use crate::kernels::scalar::k4_scales_mins;
+use crate::{GgmlType, QK, QK_K};
+
+pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
+    Some(match w {
+        GgmlType::F32 => rows_f32,
+        GgmlType::F16 => rows_f16,
+        GgmlType::BF16 => rows_bf16,
+        GgmlType::Q4_0 => rows_q4_0,
+        GgmlType::Q8_0 => rows_q8_0,
+        GgmlType::Q4_K => rows_q4_k,
+        GgmlType::Q6_K => rows_q6_k,
+        _ => return None,
+    })
+}
+
+/// Same invariant check as the AVX2 level.
+fn check(t: GgmlType, w: &[u8], rb: usize, a: &Activations, out: &[f32]) -> usize {
+    let n = rb / t.type_size() * t.block_size();
+    let ok = w.len() == out.len() * rb
+        && rb == n / t.block_size() * t.type_size()
+        && match super::vec_dot_type(t) {
+            GgmlType::Q8_0 => a.qs.len() >= n && a.d.len() * QK >= n,
+            GgmlType::Q8_K => a.q8_k.len() * QK_K >= n,
+            _ => a.f.len() >= n,
+        };
+    assert!(ok, "kernel invariant violated for {t}");
+    n / t.block_size()
+}
+
+macro_rules! rows {
+    ($name:ident, $t:expr, $k:ident, $tile:literal) => {
+        fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
+            let nb = check($t, w, rb, a, out);
+            let mut i = 0;
+            // SAFETY: rows_fn hands this kernel out only at Level::Avx512, which
+            // requires runtime detection of avx512f/bw/vl/vnni (and the AVX2 set);
+            // sizes checked above.
+            unsafe {
+                while i + $tile <= out.len() {
+                    $k::<$tile>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
+                    i += $tile;
+                }
+                while i < out.len() {
+                    $k::<1>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
+                    i += 1;
+                }
+            }
+        }
+    };
+    ($name:ident, $t:expr, $k:ident) => {
+        fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
+            let nb = check($t, w, rb, a, out);
+            for i in 0..out.len() {
+                // SAFETY: as above: only reachable at a detected Level::Avx512.
+                unsafe { $k(w.as_ptr().add(i * rb), nb, a, out.as_mut_ptr().add(i)) };
+            }
+        }
+    };
+}
+
+rows!(rows_f32, GgmlType::F32, k_f32, 4);
+rows!(rows_f16, GgmlType::F16, k_f16, 4);
+rows!(rows_bf16, GgmlType::BF16, k_bf16, 4);
+rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, 4);
+rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, 4);
+rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
+rows!(rows_q6_k, GgmlType::Q6_K, k_q6_k);
+
+// ---- permutation tables ------------------------------------------------------------
+
+/// Word indices (into the 64 words of two registers) gathering, for 4 consecutive
+/// blocks of `bw` words whose quants start at word 1, `qw` quant words per block:
+/// block j's quants land at words j*qw .. (j+1)*qw. `base` is subtracted (second
+/// half of Q8_0's 4-block group, read from registers starting at word 32).
+const fn gather_qs(bw: u16, qw: u16, first: u16, base: u16) -> [u16; 32] {
+    let mut m = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let j = first + i as u16 / qw;
+        m[i] = j * bw + 1 + i as u16 % qw - base;
+        i += 1;
+    }
+    m
+}
+
+/// Word i = the f16 scale word of block i / per (blocks of `bw` words).
+const fn gather_d(bw: u16, per: u16) -> [u16; 32] {
+    let mut m = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let j = (i as u16 / per) % 4;
+        m[i] = j * bw;
+        i += 1;
+    }
+    m
+}
+
+/// Lane i = `v[i / per]` (dword permute indices).
+const fn spread(per: u32, first: u32) -> [u32; 16] {
+    let mut m = [0u32; 16];
+    let mut i = 0;
+    while i < 16 {
+        m[i] = first + i as u32 / per;
+        i += 1;
+    }
+    m
+}
+
+static Q4_0_QS: [u16; 32] = gather_qs(9, 8, 0, 0);
+static Q4_0_D: [u16; 32] = gather_d(9, 4);
+static Q8_0_QS01: [u16; 32] = gather_qs(17, 16, 0, 0);
+static Q8_0_QS23: [u16; 32] = gather_qs(17, 16, 2, 32);
+static Q8_0_D: [u16; 32] = gather_d(17, 8);
+static BY4: [u32; 16] = spread(4, 0);
+static BY8_01: [u32; 16] = spread(8, 0);
+static BY8_23: [u32; 16] = spread(8, 2);
+/// Q4_0 activation halves of 4 blocks: values 0..16 of each block, then 16..32.
+static Y_LO: [u64; 8] = [0, 1, 4, 5, 8, 9, 12, 13];
+static Y_HI: [u64; 8] = [2, 3, 6, 7, 10, 11, 14, 15];
+
+/// Word permutes spreading i16 scales to match `vpackssdw(p_a, p_b)`: 128-bit lane k
+/// holds 4 dwords of p_a then 4 of p_b; `f(k, second)` is the scale index for them.
+const fn pack_scales(off: u16, kind: u8) -> [u16; 32] {
+    let mut m = [0u16; 32];
+    let mut w = 0;
+    while w < 32 {
+        let k = (w / 8) as u16;
+        let second = (w % 8) >= 4;
+        m[w] = off
+            + match kind {
+                // Q4_K: p_a lanes 0-7 = sub-block 0, 8-15 = 1; p_b = 2, 3
+                0 => (if k < 2 { 0 } else { 1 }) + if second { 2 } else { 0 },
+                // Q6_K: lane k of p_a = group k, of p_b = group 4 + k
+                _ => k + if second { 4 } else { 0 },
+            };
+        w += 1;
+    }
+    m
+}
+static Q4_K_S01: [u16; 32] = pack_scales(0, 0);
+static Q4_K_S23: [u16; 32] = pack_scales(4, 0);
+static Q6_K_S0: [u16; 32] = pack_scales(0, 1);
+static Q6_K_S1: [u16; 32] = pack_scales(8, 1);
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_w16(t: &[u16; 32]) -> __m512i {
+    _mm512_loadu_si512(t.as_ptr() as *const _)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_d16(t: &[u32; 16]) -> __m512i {
+    _mm512_loadu_si512(t.as_ptr() as *const _)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_q8(t: &[u64; 8]) -> __m512i {
+    _mm512_loadu_si512(t.as_ptr() as *const _)
+}
+
+// ---- float weights -------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_f32(p: *const u8, i: usize, m: __mmask16) -> __m512 {
+    _mm512_maskz_loadu_ps(m, (p as *const f32).add(i))
+}
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_f16(p: *const u8, i: usize, m: __mmask16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(2 * i) as *const i16))
+}
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_bf16(p: *const u8, i: usize, m: __mmask16) -> __m512 {
+    let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.add(2 * i) as *const i16));
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+}
+
+/// Float kernels: 2 x 16 lanes per row per step, masked loads for the tail (no
+/// scalar remainder; masked-off lanes are not read).
+macro_rules! float_kernel {
+    ($name:ident, $load:ident) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $name<const R: usize>(
+            w: *const u8,
+            rb: usize,
+            n: usize,
+            a: &Activations,
+            out: *mut f32,
+        ) {
+            let x = a.f.as_ptr();
+            let all: __mmask16 = 0xFFFF;
+            let mut acc0 = [_mm512_setzero_ps(); R];
+            let mut acc1 = [_mm512_setzero_ps(); R];
+            let mut i = 0;
+            while i + 32 <= n {
+                let x0 = _mm512_loadu_ps(x.add(i));
+                let x1 = _mm512_loadu_ps(x.add(i + 16));
+                for r in 0..R {
+                    let p = w.add(r * rb);
+                    acc0[r] = _mm512_fmadd_ps($load(p, i, all), x0, acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps($load(p, i + 16, all), x1, acc1[r]);
+                }
+                i += 32;
+            }
+            while i < n {
+                let m: __mmask16 = if n - i >= 16 {
+                    all
+                } else {
+                    (1u16 << (n - i)) - 1
+                };
+                let x0 = _mm512_maskz_loadu_ps(m, x.add(i));
+                for r in 0..R {
+                    acc0[r] = _mm512_fmadd_ps($load(w.add(r * rb), i, m), x0, acc0[r]);
+                }
+                i += 16;
+            }
+            for r in 0..R {
+                *out.add(r) = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+            }
+        }
+    };
+}
+
+float_kernel!(k_f32, ld_f32);
+float_kernel!(k_f16, ld_f16);
+float_kernel!(k_bf16, ld_bf16);
+
+// ---- Q4_0 ----------------------------------------------------------------------------
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q4_0<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let eight = _mm512_set1_epi8(8);
+    let (qidx, didx, by4) = (ld_w16(&Q4_0_QS), ld_w16(&Q4_0_D), ld_d16(&BY4));
+    let (ylo_i, yhi_i) = (ld_q8(&Y_LO), ld_q8(&Y_HI));
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let nb4 = nb / 4 * 4;
+    let mut b = 0;
+    while b < nb4 {
+        let y0 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b) as *const _);
+        let y1 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b + 64) as *const _);
+        let ylo = _mm512_permutex2var_epi64(y0, ylo_i, y1);
+        let yhi = _mm512_permutex2var_epi64(y0, yhi_i, y1);
+        // -8 * sum(y) per 4-byte lane group: makes vpdpbusd(q, y) sum (q - 8) * y
+        let negc = _mm512_sub_epi32(
+            zero,
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi),
+        );
+        let dy = _mm512_permutexvar_ps(
+            by4,
+            _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(b))),
+        );
+        for r in 0..R {
+            let p = w.add(r * rb + 18 * b);
+            let lo_bytes = _mm512_loadu_si512(p as *const _);
+            let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
+            let qs = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
+            let lo = _mm512_and_si512(qs, m4);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(qs), m4);
+            let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(negc, lo, ylo), hi, yhi);
+            let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
+                didx, lo_bytes,
+            )));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dy), acc[r]);
+        }
+        b += 4;
+    }
+    // remaining 1..3 blocks, one 256-bit block at a time
+    let m4y = _mm256_set1_epi8(0x0F);
+    let mut tail = [_mm256_setzero_ps(); R];
+    while b < nb {
+        let y = _mm256_loadu_si256(a.qs.as_ptr().add(QK * b) as *const __m256i);
+        let negc = _mm256_sub_epi32(
+            _mm256_setzero_si256(),
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
+        );
+        let dy = *a.d.get_unchecked(b);
+        for r in 0..R {
+            let p = w.add(r * rb + 18 * b);
+            let q = _mm_loadu_si128(p.add(2) as *const __m128i);
+            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4y);
+            let s = _mm256_dpbusd_epi32(negc, q, y);
+            tail[r] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(s),
+                _mm256_set1_ps(f16_at(p) * dy),
+                tail[r],
+            );
+        }
+        b += 1;
+    }
+    for r in 0..R {
+        *out.add(r) = _mm512_reduce_add_ps(acc[r]) + hsum_ps(tail[r]);
+    }
+}
+
+// ---- Q8_0 ----------------------------------------------------------------------------
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q8_0<const R: usize>(
+    w: *const u8,
+    rb: usize,
+    nb: usize,
+    a: &Activations,
+    out: *mut f32,
+) {
+    let bias = _mm512_set1_epi8(-128);
+    let (i01, i23, didx) = (ld_w16(&Q8_0_QS01), ld_w16(&Q8_0_QS23), ld_w16(&Q8_0_D));
+    let (by01, by23) = (ld_d16(&BY8_01), ld_d16(&BY8_23));
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let nb4 = nb / 4 * 4;
+    let mut b = 0;
+    while b < nb4 {
+        let y01 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b) as *const _);
+        let y23 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b + 64) as *const _);
+        // weights are biased by +128 (xor 0x80) to be unsigned: subtract 128 * sum(y)
+        let neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y01));
+        let neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y23));
+        let d4 = _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(b)));
+        let dy01 = _mm512_permutexvar_ps(by01, d4);
+        let dy23 = _mm512_permutexvar_ps(by23, d4);
+        for r in 0..R {
+            let p = w.add(r * rb + 34 * b);
+            let v0 = _mm512_loadu_si512(p as *const _);
+            let v1 = _mm512_loadu_si512(p.add(64) as *const _);
+            let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
+            let q01 = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
+            let q23 = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
+            let dd = _mm512_permutex2var_epi16(v0, didx, v1);
+            let d01 = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(dd)), dy01);
+            let d23 = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd)), dy23);
+            let s01 = _mm512_dpbusd_epi32(neg01, q01, y01);
+            let s23 = _mm512_dpbusd_epi32(neg23, q23, y23);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc[r]);
+        }
+        b += 4;
+    }
+    let bias_y = _mm256_set1_epi8(-128);
+    let mut tail = [_mm256_setzero_ps(); R];
+    while b < nb {
+        let y = _mm256_loadu_si256(a.qs.as_ptr().add(QK * b) as *const __m256i);
+        let neg = _mm256_sub_epi32(
+            _mm256_setzero_si256(),
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias_y, y),
+        );
+        let dy = *a.d.get_unchecked(b);
+        for r in 0..R {
+            let p = w.add(r * rb + 34 * b);
+            let q = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
+            let s = _mm256_dpbusd_epi32(neg, q, y);
+            tail[r] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(s),
+                _mm256_set1_ps(f16_at(p) * dy),
+                tail[r],
+            );
+        }
+        b += 1;
+    }
+    for r in 0..R {
+        *out.add(r) = _mm512_reduce_add_ps(acc[r]) + hsum_ps(tail[r]);
+    }
+}
+
+// ---- k-quants --------------------------------------------------------------------------
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q4_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let (s01_i, s23_i) = (ld_w16(&Q4_K_S01), ld_w16(&Q4_K_S23));
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm512_setzero_ps();
+    let mut accm = _mm_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(144 * b) as *const BlockQ4_K);
+        let y = a.q8_k.get_unchecked(b);
+        let d = y.d * f16_at(x.d.as_ptr());
+        let dmin = y.d * f16_at(x.dmin.as_ptr());
+        let (sc, m) = k4_scales_mins(&x.scales);
+        // mins: sum_j m_j * (bsum_2j + bsum_2j+1)
+        let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
+        let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+        let pairs = _mm_hadd_epi16(
+            _mm256_castsi256_si128(bs),
+            _mm256_extracti128_si256::<1>(bs),
+        );
+        accm = _mm_fmadd_ps(
+            _mm_set1_ps(dmin),
+            _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+            accm,
+        );
+        let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+            sc.as_ptr() as *const __m128i
+        )));
+        // p_c: lanes 0-7 sum sub-block 2c, lanes 8-15 sub-block 2c+1 (|lane| <= 4*15*128)
+        let mut p = [zero; 4];
+        for (c, pc) in p.iter_mut().enumerate() {
+            let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                x.qs.as_ptr().add(32 * c) as *const __m256i
+            ));
+            let q = _mm512_and_si512(_mm512_mask_srli_epi16::<4>(q, 0xFFFF_0000, q), m4);
+            let yv = _mm512_loadu_si512(y.qs.as_ptr().add(64 * c) as *const _);
+            *pc = _mm512_dpbusd_epi32(zero, q, yv);
+        }
+        let s01 = _mm512_permutexvar_epi16(s01_i, sc16);
+        let s23 = _mm512_permutexvar_epi16(s23_i, sc16);
+        let isum = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(p[0], p[1]), s01);
+        let isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p[2], p[3]), s23);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+    *out = _mm512_reduce_add_ps(acc) - m;
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m30 = _mm512_set1_epi8(0x30);
+    let s_i = [ld_w16(&Q6_K_S0), ld_w16(&Q6_K_S1)];
+    let zero = _mm512_setzero_si512();
+    let upper: __mmask32 = 0xFFFF_0000;
+    let mut acc = _mm512_setzero_ps();
+    for b in 0..nb {
+        let x = &*(w.add(210 * b) as *const BlockQ6_K);
+        let y = a.q8_k.get_unchecked(b);
+        let d = y.d * f16_at(x.d.as_ptr());
+        let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
+        // sum_g sc_g * 32 * bsum_g: the -32 offset of every 6-bit value
+        let corr = _mm256_slli_epi32::<5>(_mm256_madd_epi16(
+            sc,
+            _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+        ));
+        let sc16 = _mm512_zextsi256_si512(sc);
+        let mut isum = _mm512_sub_epi32(zero, _mm512_zextsi256_si512(corr));
+        for n in 0..2 {
+            let l = _mm512_loadu_si512(x.ql.as_ptr().add(64 * n) as *const _);
+            let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                x.qh.as_ptr().add(32 * n) as *const __m256i
+            ));
+            // values e..e+64: low nibbles, qh bits 0-1 (first 32) / 2-3 (next 32) to bits 4-5
+            let h_lo = _mm512_mask_slli_epi16::<2>(_mm512_slli_epi16::<4>(h), upper, h);
+            let q_lo = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(h_lo, m30));
+            // values e+64..e+128: high nibbles, qh bits 4-5 / 6-7
+            let h_hi = _mm512_mask_srli_epi16::<2>(h, upper, h);
+            let q_hi = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
+                _mm512_and_si512(h_hi, m30),
+            );
+            let ylo = _mm512_loadu_si512(y.qs.as_ptr().add(128 * n) as *const _);
+            let yhi = _mm512_loadu_si512(y.qs.as_ptr().add(128 * n + 64) as *const _);
+            // 128-bit lane k of p_a sums group 8n+k, of p_b group 8n+4+k (|lane| <= 4*63*128)
+            let pa = _mm512_dpbusd_epi32(zero, q_lo, ylo);
+            let pb = _mm512_dpbusd_epi32(zero, q_hi, yhi);
+            let s = _mm512_permutexvar_epi16(s_i[n], sc16);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(pa, pb), s);
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    *out = _mm512_reduce_add_ps(acc);
 }

@@ -376,3 +376,23 @@ fn level_names_round_trip() {
     assert!(Level::Scalar.is_available());
     assert!(level().is_available());
 }
+
+#[test]
+fn k4_scale_unpack_matches_format_spec() {
+    let mut rng = StdRng::seed_from_u64(0x4c);
+    for _ in 0..1000 {
+        let s: [u8; 12] = rng.gen();
+        let (sc, m) = scalar::k4_scales_mins(&s);
+        for j in 0..8 {
+            let (want_sc, want_m) = if j < 4 {
+                (s[j] & 63, s[j + 4] & 63)
+            } else {
+                (
+                    (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+                    (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+                )
+            };
+            assert_eq!((sc[j], m[j]), (want_sc, want_m), "{s:?} j={j}");
+        }
+    }
+}

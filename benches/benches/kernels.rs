@@ -245,6 +245,22 @@ fn bench_act_format(c: &mut Criterion) {
     g.finish();
 }
 
+/// Per-call activation quantization (part of every matvec): one token of `cols`.
+fn bench_quantize_activations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quantize_activations");
+    for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K] {
+        for cols in [1536usize, 8192] {
+            let x = random_f32(cols, 9);
+            g.throughput(Throughput::Elements(cols as u64));
+            let id = BenchmarkId::new(format!("{}", kernels::vec_dot_type(t)), cols);
+            g.bench_function(id, |b| {
+                b.iter(|| kernels::quantize_activations(t, black_box(&x)).expect("quantize"))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -255,6 +271,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_bandwidth, bench_matvec_streamed, bench_matvec, bench_levels, bench_act_format, bench_dequantize
+    targets = bench_quantize_activations, bench_bandwidth, bench_matvec_streamed, bench_matvec, bench_levels, bench_act_format, bench_dequantize
 }
 criterion_main!(benches);

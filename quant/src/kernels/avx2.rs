@@ -682,3 +682,138 @@ unsafe fn k_q6_k<const R: usize>(
     }
     *out = hsum_ps(acc);
 }
+
+// ---- activation quantization ---------------------------------------------------------
+//
+// Bit-exact SIMD versions of the reference activation quantizers in `legacy` and
+// `kquants` (tested byte for byte): activation quantization runs once per matvec on
+// one thread, so at 2 threads its serial time matters.
+
+/// Q8_0 blocks of `x` (`x.len() == dst.len() * 32`), as `legacy::quantize_q8_0`.
+pub(super) fn quantize_q8_0(x: &[f32], dst: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), dst.len() * QK);
+    for (xb, y) in x.chunks_exact(QK).zip(dst.iter_mut()) {
+        // SAFETY: only called at a detected Level::Avx2 or above; 32 floats and 32 bytes.
+        let (d, _) = unsafe { q8_block(xb.as_ptr(), y.qs.as_mut_ptr()) };
+        y.d = f32_to_f16(d);
+    }
+}
+
+/// Q8_1 blocks of `x`, as `legacy::quantize_q8_1`.
+pub(super) fn quantize_q8_1(x: &[f32], dst: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), dst.len() * QK);
+    for (xb, y) in x.chunks_exact(QK).zip(dst.iter_mut()) {
+        // SAFETY: as above.
+        let (d, sum) = unsafe { q8_block(xb.as_ptr(), y.qs.as_mut_ptr()) };
+        y.d = f32_to_f16(d);
+        y.s = f32_to_f16(sum as f32 * d);
+    }
+}
+
+/// Q8_K blocks of `x`, as `kquants::quantize_q8_k`.
+pub(super) fn quantize_q8_k(x: &[f32], dst: &mut [BlockQ8_K]) {
+    assert_eq!(x.len(), dst.len() * QK_K);
+    for (xb, y) in x.chunks_exact(QK_K).zip(dst.iter_mut()) {
+        // SAFETY: as above; 256 floats.
+        unsafe { q8_k_block(xb.as_ptr(), y) };
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hmax_ps(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
+/// Four vectors of 8 i32 (values within i8 range) -> 32 i8 in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_i32x32(i: &[__m256i; 4], out: *mut i8) {
+    let a = _mm256_packs_epi32(i[0], i[1]);
+    let b = _mm256_packs_epi32(i[2], i[3]);
+    let c = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(a, b),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+    );
+    _mm256_storeu_si256(out as *mut __m256i, c);
+}
+
+/// One Q8_0/Q8_1 block: d = amax / 127, q = round-half-away(x / d). Returns (d, sum q).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_block(x: *const f32, qs: *mut i8) -> (f32, i32) {
+    let sign = _mm256_set1_ps(-0.0);
+    let v = [
+        _mm256_loadu_ps(x),
+        _mm256_loadu_ps(x.add(8)),
+        _mm256_loadu_ps(x.add(16)),
+        _mm256_loadu_ps(x.add(24)),
+    ];
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+    );
+    let d = hmax_ps(m) / 127.0;
+    let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let mut q = [_mm256_setzero_si256(); 4];
+    for k in 0..4 {
+        let p = _mm256_mul_ps(v[k], id);
+        // roundf: truncate, then step away from zero when |fraction| >= 0.5 (exact ops)
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(p, t));
+        let step = _mm256_or_ps(_mm256_and_ps(p, sign), one);
+        let adj = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), step);
+        q[k] = _mm256_cvttps_epi32(_mm256_add_ps(t, adj));
+    }
+    pack_i32x32(&q, qs);
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+    (d, _mm_cvtsi128_si32(s))
+}
+
+/// One Q8_K block: iscale = -127 / (signed value of the first largest |x|),
+/// q = min(127, round-half-even(iscale * x)), d = 1 / iscale, bsums of 16.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_k_block(x: *const f32, y: &mut BlockQ8_K) {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for k in 0..32 {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x.add(8 * k))));
+    }
+    let amax = hmax_ps(m);
+    *y = BlockQ8_K::default();
+    if amax == 0.0 {
+        return;
+    }
+    let am = _mm256_set1_ps(amax);
+    let mut max = amax;
+    for k in 0..32 {
+        let v = _mm256_loadu_ps(x.add(8 * k));
+        let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), am));
+        if hit != 0 {
+            max = *x.add(8 * k + hit.trailing_zeros() as usize);
+            break;
+        }
+    }
+    let iscale = -127.0 / max;
+    let is = _mm256_set1_ps(iscale);
+    let lim = _mm256_set1_epi32(127);
+    for c in 0..8 {
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (k, qk) in q.iter_mut().enumerate() {
+            let p = _mm256_mul_ps(is, _mm256_loadu_ps(x.add(32 * c + 8 * k)));
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+            *qk = _mm256_min_epi32(_mm256_cvtps_epi32(r), lim);
+        }
+        pack_i32x32(&q, y.qs.as_mut_ptr().add(32 * c));
+    }
+    for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+        *s = g.iter().map(|&q| q as i16).sum();
+    }
+    y.d = 1.0 / iscale;
+}

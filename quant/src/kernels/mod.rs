@@ -304,6 +304,16 @@ impl Activations {
 
 /// Quantizes one token's activations `x` for dot products with weights of type `w`.
 pub fn quantize_activations(w: GgmlType, x: &[f32]) -> Result<Activations, QuantError> {
+    quantize_activations_with(level(), w, x)
+}
+
+/// [`quantize_activations`] at an explicit level. Every level produces the same
+/// bytes as the reference quantizers in `legacy`/`kquants`.
+pub fn quantize_activations_with(
+    lvl: Level,
+    w: GgmlType,
+    x: &[f32],
+) -> Result<Activations, QuantError> {
     if !supports(w) {
         return Err(QuantError::Unsupported {
             ty: w,
@@ -312,20 +322,45 @@ pub fn quantize_activations(w: GgmlType, x: &[f32]) -> Result<Activations, Quant
     }
     let at = vec_dot_type(w);
     at.row_size(x.len())?;
+    #[cfg(target_arch = "x86_64")]
+    let simd = lvl >= Level::Avx2 && lvl.is_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = {
+        let _ = lvl;
+        false
+    };
     Ok(match at {
         GgmlType::Q8_0 => {
             let mut b = vec![BlockQ8_0::default(); x.len() / QK];
-            crate::legacy::quantize_q8_0(x, &mut b);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                avx2::quantize_q8_0(x, &mut b);
+            }
+            if !simd {
+                crate::legacy::quantize_q8_0(x, &mut b);
+            }
             Activations::from_q8_0(b)
         }
         GgmlType::Q8_1 => {
             let mut b = vec![BlockQ8_1::default(); x.len() / QK];
-            crate::legacy::quantize_q8_1(x, &mut b);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                avx2::quantize_q8_1(x, &mut b);
+            }
+            if !simd {
+                crate::legacy::quantize_q8_1(x, &mut b);
+            }
             Activations::from_q8_1(b)
         }
         GgmlType::Q8_K => {
             let mut b = vec![BlockQ8_K::default(); x.len() / QK_K];
-            crate::kquants::quantize_q8_k(x, &mut b);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                avx2::quantize_q8_k(x, &mut b);
+            }
+            if !simd {
+                crate::kquants::quantize_q8_k(x, &mut b);
+            }
             Activations::from_q8_k(b)
         }
         _ => Activations::from_f32(x.to_vec()),
@@ -462,10 +497,10 @@ pub fn matmul_with(
     }
 
     let acts: Vec<Activations> = if n_tokens == 1 {
-        vec![quantize_activations(w, x)?]
+        vec![quantize_activations_with(lvl, w, x)?]
     } else {
         x.par_chunks(cols)
-            .map(|xt| quantize_activations(w, xt))
+            .map(|xt| quantize_activations_with(lvl, w, xt))
             .collect::<Result<_, _>>()?
     };
 

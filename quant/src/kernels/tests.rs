@@ -396,3 +396,61 @@ fn k4_scale_unpack_matches_format_spec() {
         }
     }
 }
+
+#[test]
+fn activation_quantizers_are_bit_exact_at_every_level() {
+    let mut rng = StdRng::seed_from_u64(0xac7);
+    let n = 2 * QK_K;
+    let mut inputs: Vec<Vec<f32>> = Vec::new();
+    for scale in [1e-3f32, 1.0, 300.0] {
+        inputs.push((0..n).map(|_| rng.gen_range(-scale..scale)).collect());
+    }
+    // exact .5 ties after scaling (amax 127 -> id 1), zeros, a lone negative max
+    inputs.push(
+        (0..n)
+            .map(|i| {
+                if i % 32 == 0 {
+                    127.0
+                } else {
+                    (i % 64) as f32 * 0.5 - 16.0
+                }
+            })
+            .collect(),
+    );
+    inputs.push(
+        (0..n)
+            .map(|i| {
+                if i % 32 == 5 {
+                    -127.0
+                } else {
+                    -((i % 9) as f32) - 0.5
+                }
+            })
+            .collect(),
+    );
+    inputs.push(vec![0.0; n]);
+    inputs.push((0..n).map(|i| if i == 77 { -3.0 } else { 0.0 }).collect());
+    // ties in |x| with opposite signs: the first one wins
+    inputs.push(
+        (0..n)
+            .map(|i| {
+                if i % 7 == 0 {
+                    2.0
+                } else if i % 7 == 3 {
+                    -2.0
+                } else {
+                    0.3
+                }
+            })
+            .collect(),
+    );
+    for x in &inputs {
+        for t in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_K] {
+            let want = quantize_activations_with(Level::Scalar, t, x).unwrap();
+            for &lvl in available_levels() {
+                let got = quantize_activations_with(lvl, t, x).unwrap();
+                assert_eq!(got.as_bytes(), want.as_bytes(), "{t} {lvl:?}");
+            }
+        }
+    }
+}

@@ -7,3 +7,4 @@ pub mod quantize;
 pub mod safetensors;
 pub mod kv_cache;
 pub mod model;
+pub mod tokenizer;

@@ -7,4 +7,6 @@ pub mod quantize;
 pub mod safetensors;
 pub mod kv_cache;
 pub mod model;
+pub mod sampling;
+pub mod chat;
 pub mod tokenizer;

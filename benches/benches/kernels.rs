@@ -245,6 +245,33 @@ fn bench_act_format(c: &mut Criterion) {
     g.finish();
 }
 
+/// Several tokens per call (prefill / batched decode): weight chunks are reused from
+/// L2 across tokens, so time per token falls well below one matvec. Throughput counts
+/// the weight bytes once per call.
+fn bench_matmul_tokens(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matmul_tokens");
+    let (rows, cols) = BIG;
+    let p = pool(2);
+    for t in [GgmlType::Q4_0, GgmlType::Q8_0] {
+        let w = random_weights(t, rows, cols, 10);
+        g.throughput(Throughput::Bytes(w.len() as u64));
+        for n_tokens in [1usize, 4, 16] {
+            let x = random_f32(n_tokens * cols, 11);
+            let mut y = vec![0f32; n_tokens * rows];
+            let id = BenchmarkId::new(format!("{t}/{rows}x{cols}/t2"), format!("n{n_tokens}"));
+            g.bench_function(id, |b| {
+                p.install(|| {
+                    b.iter(|| {
+                        kernels::matmul(t, &w, rows, cols, black_box(&x), n_tokens, &mut y)
+                            .expect("matmul")
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Per-call activation quantization (part of every matvec): one token of `cols`.
 fn bench_quantize_activations(c: &mut Criterion) {
     let mut g = c.benchmark_group("quantize_activations");
@@ -271,6 +298,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_quantize_activations, bench_bandwidth, bench_matvec_streamed, bench_matvec, bench_levels, bench_act_format, bench_dequantize
+    targets = bench_matmul_tokens, bench_quantize_activations, bench_bandwidth, bench_matvec_streamed, bench_matvec, bench_levels, bench_act_format, bench_dequantize
 }
 criterion_main!(benches);

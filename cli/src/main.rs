@@ -1,7 +1,12 @@
 //! `graft`: the command-line front of the graft runtime.
 
+mod bench;
+mod common;
 mod inspect;
+mod logits;
 mod quantize;
+mod run;
+mod tokenize;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +28,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt; streams the text to stdout and timings to stderr.
+    Run(run::RunArgs),
+    /// Write the logits at every position of a prompt to a safetensors file.
+    Logits(logits::LogitsArgs),
+    /// Print the token ids of a text as a JSON list.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Measure prompt processing (pp) and generation (tg) speed like llama-bench; prints one JSON line.
+    Bench(bench::BenchArgs),
     /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
     ///
     /// FILE may be a GGUF model or LoRA adapter, a .safetensors file, an HF checkpoint
@@ -66,6 +79,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => bench::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Logits(args) => logits::run(&args),
+        Command::Tokenize(args) => tokenize::run(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),
         Command::Quantize {
             input,

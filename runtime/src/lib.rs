@@ -10,3 +10,4 @@ pub mod model;
 pub mod sampling;
 pub mod chat;
 pub mod tokenizer;
+pub mod generate;

@@ -802,3 +802,29 @@ fn random_mutations_never_panic() {
     }
     eprintln!("{accepted} of 20000 mutants were still valid files");
 }
+
+/// Not corrupt: files written without the final padding (gguf-py's vocab-only files
+/// end right after the KVs) are accepted, like ggml does.
+#[test]
+fn unpadded_tensorless_file_is_valid() {
+    let mut w = GgufWriter::new();
+    w.add_kv("tokenizer.ggml.model", "llama").unwrap();
+    w.add_kv("tokenizer.ggml.tokens", vec!["a", "b"]).unwrap();
+    let mut b = w.to_bytes().unwrap();
+    let f = parse(b.clone()).unwrap();
+    let meta_end = b.iter().rposition(|&x| x != 0).unwrap() + 1;
+    b.truncate(meta_end);
+    let g = parse(b).unwrap();
+    assert_eq!(g.metadata(), f.metadata());
+    assert_eq!(g.data_offset(), f.data_offset());
+}
+
+#[test]
+fn unsupported_ggml_types_are_named() {
+    let b = mutated(|b| {
+        let p = tensor_type_pos(b, "tensor_c");
+        put_u32(b, p, 16)
+    });
+    let e = parse(b).unwrap_err();
+    assert!(e.to_string().contains("type id 16 (IQ2_XXS"), "{e}");
+}

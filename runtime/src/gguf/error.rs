@@ -282,7 +282,8 @@ impl fmt::Display for GgufErrorKind {
             ),
             UnknownTensorType { tensor, found } => write!(
                 f,
-                "tensor {tensor:?} type: found ggml type id {found}, expected a supported type (F32, F16, BF16, Q4_0..Q8_1, Q2_K..Q8_K)"
+                "tensor {tensor:?} type: found ggml type id {found} ({}), expected a type graft supports (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K..Q8_K)",
+                ggml_type_name(*found)
             ),
             NotBlockMultiple {
                 tensor,
@@ -353,6 +354,32 @@ impl fmt::Display for GgufErrorKind {
                 write!(f, "{field}: found a size that overflows, expected one that fits in u64/usize")
             }
         }
+    }
+}
+
+/// What ggml calls the type ids graft does not support, for error messages.
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        4 | 5 => "Q4_2/Q4_3, removed from ggml",
+        16 => "IQ2_XXS, unsupported",
+        17 => "IQ2_XS, unsupported",
+        18 => "IQ3_XXS, unsupported",
+        19 => "IQ1_S, unsupported",
+        20 => "IQ4_NL, unsupported",
+        21 => "IQ3_S, unsupported",
+        22 => "IQ2_S, unsupported",
+        23 => "IQ4_XS, unsupported",
+        24 => "I8, unsupported",
+        25 => "I16, unsupported",
+        26 => "I32, unsupported",
+        27 => "I64, unsupported",
+        28 => "F64, unsupported",
+        29 => "IQ1_M, unsupported",
+        31..=33 | 36..=38 => "repacked Q4_0/IQ4_NL, removed from ggml",
+        34 => "TQ1_0, unsupported",
+        35 => "TQ2_0, unsupported",
+        39 => "MXFP4, unsupported",
+        _ => "unknown to ggml",
     }
 }
 

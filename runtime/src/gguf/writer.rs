@@ -240,12 +240,11 @@ impl<'a> GgufWriter<'a> {
         let meta = self.metadata_bytes()?;
         w.write_all(&meta).map_err(io)?;
         let mut written = meta.len() as u64;
-        let zeros = vec![0u8; self.alignment as usize];
         for t in &self.tensors {
             w.write_all(&t.data).map_err(io)?;
-            let pad = padding(t.data.len() as u64, self.alignment) as usize;
-            w.write_all(zeros.get(..pad).unwrap_or(&[])).map_err(io)?;
-            written += (t.data.len() + pad) as u64;
+            let pad = padding(t.data.len() as u64, self.alignment);
+            write_zeros(&mut w, pad).map_err(io)?;
+            written += t.data.len() as u64 + pad;
         }
         w.flush().map_err(io)?;
         Ok(written)
@@ -276,6 +275,17 @@ impl<'a> GgufWriter<'a> {
             .map_err(|e| GgufError::new(&name, e.into_kind()))?;
         Ok(())
     }
+}
+
+/// Zero padding, from a fixed block (alignments can be up to 2^31).
+fn write_zeros<W: Write>(w: &mut W, mut n: u64) -> std::io::Result<()> {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        w.write_all(ZEROS.get(..k).unwrap_or(&[]))?;
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

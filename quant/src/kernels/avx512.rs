@@ -1,4 +1,4 @@
-//! x86_64 AVX-512 (F/BW/VL) + VNNI kernels: Q4_0, Q8_0, Q4_K, Q6_K and the float
+//! x86_64 AVX-512 (F/BW/VL) + VNNI kernels: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and the float
 //! types. Other types run their AVX2 kernel at this level.
 //!
 //! Q4_0/Q8_0 take 4 blocks per step: every field of these blocks starts at an even
@@ -29,6 +29,7 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
         GgmlType::Q4_0 => rows_q4_0,
         GgmlType::Q8_0 => rows_q8_0,
         GgmlType::Q4_K => rows_q4_k,
+        GgmlType::Q5_K => rows_q5_k,
         GgmlType::Q6_K => rows_q6_k,
         _ => return None,
     })
@@ -85,6 +86,7 @@ rows!(rows_bf16, GgmlType::BF16, k_bf16, 4);
 rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, 4);
 rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, 4);
 rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
+rows!(rows_q5_k, GgmlType::Q5_K, k_q5_k);
 rows!(rows_q6_k, GgmlType::Q6_K, k_q6_k);
 
 // ---- permutation tables ------------------------------------------------------------
@@ -398,17 +400,40 @@ unsafe fn k_q8_0<const R: usize>(
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn k_q4_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
+    k4::<false>(w, nb, a, out)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q5_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
+    k4::<true>(w, nb, a, out)
+}
+
+/// Q4_K (`Q5 == false`, 144-byte blocks) and Q5_K (176-byte blocks: qh's bit 2c / 2c+1
+/// of byte l adds 16 to value 64c+l / 64c+32+l).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k4<const Q5: bool>(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
     let m4 = _mm512_set1_epi8(0x0F);
+    let b4 = _mm512_set1_epi8(0x10);
     let (s01_i, s23_i) = (ld_w16(&Q4_K_S01), ld_w16(&Q4_K_S23));
     let zero = _mm512_setzero_si512();
     let mut acc = _mm512_setzero_ps();
     let mut accm = _mm_setzero_ps();
     for b in 0..nb {
-        let x = &*(w.add(144 * b) as *const BlockQ4_K);
+        // the two layouts share d, dmin, scales; Q5_K has qh[32] before qs
+        let (x, qh) = if Q5 {
+            let x = &*(w.add(176 * b) as *const BlockQ5_K);
+            (x.qs.as_ptr(), x.qh.as_ptr())
+        } else {
+            let x = &*(w.add(144 * b) as *const BlockQ4_K);
+            (x.qs.as_ptr(), x.qs.as_ptr())
+        };
+        let head = &*(w.add(if Q5 { 176 } else { 144 } * b) as *const [u8; 16]);
         let y = a.q8_k.get_unchecked(b);
-        let d = y.d * f16_at(x.d.as_ptr());
-        let dmin = y.d * f16_at(x.dmin.as_ptr());
-        let (sc, m) = k4_scales_mins(&x.scales);
+        let d = y.d * f16_at(head.as_ptr());
+        let dmin = y.d * f16_at(head.as_ptr().add(2));
+        let scales: &[u8; 12] = &*(head.as_ptr().add(4) as *const [u8; 12]);
+        let (sc, m) = k4_scales_mins(scales);
         // mins: sum_j m_j * (bsum_2j + bsum_2j+1)
         let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
         let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
@@ -424,13 +449,23 @@ unsafe fn k_q4_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
         let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(
             sc.as_ptr() as *const __m128i
         )));
-        // p_c: lanes 0-7 sum sub-block 2c, lanes 8-15 sub-block 2c+1 (|lane| <= 4*15*128)
+        let h = if Q5 {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(qh as *const __m256i))
+        } else {
+            zero
+        };
+        // p_c: lanes 0-7 sum sub-block 2c, lanes 8-15 sub-block 2c+1 (|lane| <= 4*31*128)
         let mut p = [zero; 4];
         for (c, pc) in p.iter_mut().enumerate() {
-            let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                x.qs.as_ptr().add(32 * c) as *const __m256i
-            ));
-            let q = _mm512_and_si512(_mm512_mask_srli_epi16::<4>(q, 0xFFFF_0000, q), m4);
+            let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(x.add(32 * c) as *const __m256i));
+            let mut q = _mm512_and_si512(_mm512_mask_srli_epi16::<4>(q, 0xFFFF_0000, q), m4);
+            if Q5 {
+                let bits = _mm512_inserti64x4::<1>(
+                    _mm512_set1_epi8(1 << (2 * c)),
+                    _mm256_set1_epi8(1 << (2 * c + 1)),
+                );
+                q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(h, bits), q, b4);
+            }
             let yv = _mm512_loadu_si512(y.qs.as_ptr().add(64 * c) as *const _);
             *pc = _mm512_dpbusd_epi32(zero, q, yv);
         }

@@ -13,7 +13,7 @@
 //! Implementation levels, chosen once at run time ([`level`]):
 //! - `scalar` (always compiled): the ground truth the SIMD levels are tested against.
 //! - `avx2` (x86_64, AVX2 + FMA + F16C): every type.
-//! - `avx512` (x86_64, AVX-512 F/BW/VL + VNNI): Q4_0, Q5_0, Q8_0, Q4_K, Q6_K and the
+//! - `avx512` (x86_64, AVX-512 F/BW/VL + VNNI): Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and the
 //!   float types; other types use their AVX2 kernel at this level.
 //! - `neon` (aarch64): Q4_0 and Q8_0; other types use the scalar kernel there.
 //!

@@ -645,6 +645,98 @@ fn default_pre_tokenizer_splits_like_llama_cpp() {
 }
 
 // ---------------------------------------------------------------------------------
+// Special-token partitioning on a small SentencePiece vocabulary.
+
+/// `<unk> <s> </s>`, the 256 byte tokens, then `pieces` (text, score, type).
+fn spm_tokenizer(pieces: &[(&str, f32, i32)], extra: impl FnOnce(&mut GgufWriter)) -> Tokenizer {
+    let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+    let mut scores = vec![0f32; 3];
+    let mut types = vec![2i32, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        scores.push(0.0);
+        types.push(6);
+    }
+    for (t, s, ty) in pieces {
+        tokens.push(t.to_string());
+        scores.push(*s);
+        types.push(*ty);
+    }
+    let mut w = GgufWriter::new();
+    w.add_kv("tokenizer.ggml.model", "llama").unwrap();
+    w.add_kv("tokenizer.ggml.tokens", tokens).unwrap();
+    w.add_kv("tokenizer.ggml.scores", scores).unwrap();
+    w.add_kv("tokenizer.ggml.token_type", types).unwrap();
+    extra(&mut w);
+    Tokenizer::from_gguf(&GgufFile::from_bytes(w.to_bytes().unwrap(), "spm.gguf").unwrap()).unwrap()
+}
+
+const SPM_PIECES: &[(&str, f32, i32)] = &[
+    ("▁", -1.0, 1),       // 259
+    ("a", -2.0, 1),       // 260
+    ("b", -2.0, 1),       // 261
+    ("▁a", -0.5, 1),      // 262
+    ("▁b", -0.5, 1),      // 263
+    ("ab", -0.1, 1),      // 264
+    ("<tool>", 0.0, 4),   // 265 user-defined
+    ("<|end|>", 0.0, 3),  // 266 control
+    ("<|end|>x", 0.0, 3), // 267 control, longer
+];
+
+#[test]
+fn spm_special_token_partition() {
+    let tok = spm_tokenizer(SPM_PIECES, |_| {});
+    let (ua, ub, ab, tool, end, endx) = (262, 263, 264, 265, 266, 267);
+    // "ab" outscores "▁a": the pair (a, b) merges first.
+    assert_eq!(tok.encode("ab", false, false), [259, ab]);
+    // User-defined tokens split out even without parse_special; the text after a
+    // special token gets the space prefix again.
+    assert_eq!(tok.encode("a<tool>b", false, false), [ua, tool, ub]);
+    assert_eq!(tok.encode("<tool>", true, false), [1, tool]);
+    // Control tokens only with parse_special; otherwise their text is encoded.
+    assert_eq!(tok.encode("a<|end|>", false, true), [ua, end]);
+    let plain = tok.encode("a<|end|>", false, false);
+    assert!(!plain.contains(&end) && plain.len() > 3, "{plain:?}");
+    // Longest special token first.
+    assert_eq!(tok.encode("<|end|>x<|end|>", false, true), [endx, end]);
+    // <s> and <unk> written in the text.
+    assert_eq!(tok.encode("<s>a<unk>", false, true), [1, ua, 0]);
+    assert!(tok.is_eog(end) && tok.is_eog(2));
+    assert_eq!(tok.eot(), Some(end));
+    // Pieces: user-defined render as text, control only with special.
+    assert_eq!(tok.decode(&[ua, tool, ub, end]), " a<tool> b");
+    assert_eq!(
+        tok.decode_with(&[ua, tool, ub, end], true),
+        " a<tool> b<|end|>"
+    );
+
+    // Without add_space_prefix.
+    let tok = spm_tokenizer(SPM_PIECES, |w| {
+        w.add_kv("tokenizer.ggml.add_space_prefix", false).unwrap();
+    });
+    assert_eq!(tok.encode("a<tool>b", false, false), [260, tool, 261]);
+}
+
+#[test]
+fn spm_phi3_special_tokens_strip_right() {
+    // llama.cpp sets RSTRIP on every special token of models named like Phi-3
+    // (except <unk>, <s>, <|endoftext|>).
+    let tok = spm_tokenizer(SPM_PIECES, |w| {
+        w.add_kv("general.name", "Phi-3-mini-4k-instruct").unwrap();
+    });
+    assert!(tok.token_attr(266).unwrap().intersects(TokenAttr::RSTRIP));
+    assert!(!tok.token_attr(1).unwrap().intersects(TokenAttr::RSTRIP));
+    assert_eq!(tok.encode("<|end|>  \n a", false, true), [266, 262]);
+    assert_eq!(tok.encode("<s> a", false, true), [1, 259, 262]);
+}
+
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Tokenizer>();
+}
+
+// ---------------------------------------------------------------------------------
 // Metadata errors.
 
 fn spm_writer(tokens: Vec<String>) -> GgufWriter<'static> {

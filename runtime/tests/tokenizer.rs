@@ -630,6 +630,70 @@ fn bpe_special_tokens_and_pieces() {
     );
 }
 
+/// A Llama-2-style tokenizer.json (SentencePiece BPE with byte fallback): token
+/// types and pieces follow the decoder (`▁` -> space, `<0xNN>` -> byte).
+#[test]
+fn hf_sentencepiece_style_json() {
+    let vocab = [
+        "<unk>", "<s>", "</s>", "<0x0A>", "<0xC3>", "<0xA9>", "▁", "a", "b", "▁a", "ab",
+    ];
+    let vocab_map: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), Value::from(i)))
+        .collect();
+    let special = |id: usize, text: &str| {
+        serde_json::json!({"id": id, "content": text, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab_map, "merges": ["▁ a", "a b"]}
+    });
+    let tok = Tokenizer::from_hf_json(json.to_string().as_bytes(), None, "llama.json").unwrap();
+    assert_eq!(tok.kind(), TokenizerKind::HuggingFace);
+    assert_eq!(tok.n_vocab(), vocab.len());
+    assert_eq!(tok.token_type(0), Some(TokenType::Unknown));
+    assert_eq!(tok.token_type(1), Some(TokenType::Control));
+    assert_eq!(tok.token_type(4), Some(TokenType::Byte));
+    assert_eq!(tok.token_type(9), Some(TokenType::Normal));
+    assert_eq!((tok.bos(), tok.eos()), (Some(1), Some(2)));
+    assert!(tok.is_eog(2));
+    assert_eq!(tok.token_to_piece(9), b" a");
+    assert_eq!(tok.token_to_piece(4), [0xC3]);
+    let ids = tok.encode("a b é\n", true, true);
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(tok.decode(&ids), " a b é\n");
+    assert_eq!(tok.detokenize(&ids, true, false), " a b é\n");
+    // HF BPE merges by rank: "▁ a" (rank 0) before "a b".
+    assert_eq!(tok.encode("ab", false, false), [9, 8]);
+    // Streaming over byte-fallback pieces.
+    let mut dec = StreamDecoder::new(&tok);
+    let streamed: String = ids.iter().map(|&id| dec.push(id)).collect();
+    assert_eq!(streamed + &dec.flush(), " a b é\n");
+    // Broken JSON is a typed error naming the file.
+    let e = Tokenizer::from_hf_json(b"{", None, "broken.json").unwrap_err();
+    assert!(e.to_string().contains("broken.json"), "{e}");
+    let e = Tokenizer::from_hf_file("/nonexistent/tokenizer.json").unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/tokenizer.json"), "{e}");
+}
+
 #[test]
 fn default_pre_tokenizer_splits_like_llama_cpp() {
     // Punctuation runs first, then GPT-2's pattern, then digit runs cut in threes.

@@ -386,11 +386,13 @@ const ADDED: &[(&str, bool)] = &[
     ("<tool>", false),
 ];
 
+#[cfg(feature = "hf-tokenizers")]
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+#[cfg(feature = "hf-tokenizers")]
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// The same vocabulary as GGUF metadata and as an HF tokenizer.json.
-fn bpe_pair(pre: &str, vocab: &[String], merges: &[String]) -> (Tokenizer, Tokenizer) {
+/// The vocabulary plus `ADDED` as GGUF `gpt2` metadata.
+fn bpe_gguf(pre: &str, vocab: &[String], merges: &[String]) -> Tokenizer {
     let mut tokens = vocab.to_vec();
     let mut types = vec![1i32; vocab.len()];
     for (text, special) in ADDED {
@@ -409,8 +411,17 @@ fn bpe_pair(pre: &str, vocab: &[String], merges: &[String]) -> (Tokenizer, Token
     w.add_kv("tokenizer.ggml.eos_token_id", eot).unwrap();
     w.add_kv("tokenizer.ggml.add_bos_token", false).unwrap();
     let f = GgufFile::from_bytes(w.to_bytes().unwrap(), format!("{pre}.gguf")).unwrap();
-    let ours = Tokenizer::from_gguf(&f).unwrap();
+    Tokenizer::from_gguf(&f).unwrap()
+}
 
+/// The same vocabulary as an HF tokenizer.json with the matching pre-tokenizer.
+#[cfg(feature = "hf-tokenizers")]
+fn bpe_hf(pre: &str, vocab: &[String], merges: &[String]) -> Tokenizer {
+    let tokens: Vec<String> = vocab
+        .iter()
+        .cloned()
+        .chain(ADDED.iter().map(|(t, _)| t.to_string()))
+        .collect();
     let split = |regex: &str| {
         serde_json::json!({
             "type": "Sequence",
@@ -455,9 +466,7 @@ fn bpe_pair(pre: &str, vocab: &[String], merges: &[String]) -> (Tokenizer, Token
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
             "ignore_merges": ignore_merges, "vocab": vocab_map, "merges": merges}
     });
-    let hf =
-        Tokenizer::from_hf_json(json.to_string().as_bytes(), None, &format!("{pre}.json")).unwrap();
-    (ours, hf)
+    Tokenizer::from_hf_json(json.to_string().as_bytes(), None, &format!("{pre}.json")).unwrap()
 }
 
 const BPE_TEXTS: &[&str] = &[
@@ -575,6 +584,7 @@ fn random_texts(n: usize, seed: u64) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "hf-tokenizers")]
 #[test]
 fn bpe_agrees_with_hf_tokenizers() {
     let (vocab, merges) = train_bpe(400);
@@ -583,7 +593,7 @@ fn bpe_agrees_with_hf_tokenizers() {
     texts.push(CORPUS.to_owned());
     texts.extend(random_texts(400, 0x9E37_79B9_7F4A_7C15));
     for pre in ["gpt-2", "llama-bpe", "qwen2"] {
-        let (ours, hf) = bpe_pair(pre, &vocab, &merges);
+        let (ours, hf) = (bpe_gguf(pre, &vocab, &merges), bpe_hf(pre, &vocab, &merges));
         assert_eq!(ours.kind(), TokenizerKind::Bpe);
         assert_eq!(hf.kind(), TokenizerKind::HuggingFace);
         let mut n = 0;
@@ -602,10 +612,43 @@ fn bpe_agrees_with_hf_tokenizers() {
     }
 }
 
+/// Every pre-tokenizer: byte-level pieces give back the text exactly, and the
+/// special tokens are split out as asked.
+#[test]
+fn bpe_round_trips_for_every_pre_tokenizer() {
+    let (vocab, merges) = train_bpe(300);
+    let mut texts: Vec<String> = BPE_TEXTS.iter().map(|s| s.to_string()).collect();
+    texts.extend(random_texts(200, 7));
+    let pres = [
+        ("default", PreTokenizer::Default),
+        ("gpt-2", PreTokenizer::Gpt2),
+        ("llama-bpe", PreTokenizer::Llama3),
+        ("qwen2", PreTokenizer::Qwen2),
+        ("starcoder", PreTokenizer::StarCoder),
+        ("falcon", PreTokenizer::Falcon),
+    ];
+    let byte_of: HashMap<char, u8> = gpt2_byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(b, c)| (c, b as u8))
+        .collect();
+    for (name, pre) in pres {
+        let tok = bpe_gguf(name, &vocab, &merges);
+        assert_eq!(tok.pre_tokenizer(), Some(pre));
+        for text in &texts {
+            let ids = tok.encode(text, false, true);
+            assert_eq!(tok.decode_with(&ids, true), *text, "{name}: {text:?}");
+            let words: String = pre.split(text).concat();
+            let bytes: Vec<u8> = words.chars().map(|c| byte_of[&c]).collect();
+            assert_eq!(bytes, text.as_bytes(), "{name}: words of {text:?}");
+        }
+    }
+}
+
 #[test]
 fn bpe_special_tokens_and_pieces() {
     let (vocab, merges) = train_bpe(200);
-    let (tok, _) = bpe_pair("llama-bpe", &vocab, &merges);
+    let tok = bpe_gguf("llama-bpe", &vocab, &merges);
     let eot = vocab.len() as u32;
     let tool = eot + 2;
     assert_eq!(tok.pre_tokenizer(), Some(PreTokenizer::Llama3));
@@ -632,6 +675,7 @@ fn bpe_special_tokens_and_pieces() {
 
 /// A Llama-2-style tokenizer.json (SentencePiece BPE with byte fallback): token
 /// types and pieces follow the decoder (`▁` -> space, `<0xNN>` -> byte).
+#[cfg(feature = "hf-tokenizers")]
 #[test]
 fn hf_sentencepiece_style_json() {
     let vocab = [

@@ -149,6 +149,7 @@ enum PieceStyle {
     /// GPT-2 byte map reversed; byte tokens -> the byte.
     ByteLevel,
     /// The text as is (HF tokenizers with a decoder of unknown kind).
+    #[cfg_attr(not(feature = "hf-tokenizers"), allow(dead_code))]
     Raw,
 }
 

@@ -122,6 +122,13 @@ impl Tokenizer {
 
         let vocab = parse.get_vocab(true);
         let n = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        // Ids index a dense table: refuse absurdly sparse ones instead of allocating.
+        if n > vocab.len().saturating_add(1 << 20) {
+            return Err(hf_err(
+                "vocab",
+                &format!("{} tokens with ids up to {}", vocab.len(), n - 1),
+            ));
+        }
         let mut tokens: Vec<(String, f32, TokenType)> =
             vec![(String::new(), 0.0, TokenType::Undefined); n];
         for (text, id) in vocab {

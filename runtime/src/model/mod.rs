@@ -3,9 +3,13 @@
 
 mod config;
 mod forward;
+mod llama2c;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use forward::{Batch, BatchToken, Logits, Scratch};
+pub use llama2c::{
+    is_llama2c_path, llama2c_to_bytes, write_llama2c, Llama2cError, Llama2cHeader, Llama2cVersion,
+};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +49,8 @@ pub enum ModelError {
     Unsupported { file: String, what: String },
     #[error("forward: {0}")]
     Forward(String),
+    #[error(transparent)]
+    Llama2c(#[from] Llama2cError),
 }
 
 /// Tensor bytes: a range of the shared GGUF map, or an owned buffer (HF checkpoints,
@@ -57,6 +63,12 @@ enum Bytes {
         len: usize,
     },
     Owned(Arc<[u8]>),
+    /// A range of a shared buffer (a llama2.c checkpoint's memory map).
+    Shared {
+        buf: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl Bytes {
@@ -66,6 +78,10 @@ impl Bytes {
                 file.bytes().get(*start..start + len).unwrap_or(&[])
             }
             Bytes::Owned(b) => b,
+            Bytes::Shared { buf, start, len } => (**buf)
+                .as_ref()
+                .get(*start..start.saturating_add(*len))
+                .unwrap_or(&[]),
         }
     }
 }
@@ -242,11 +258,14 @@ impl TensorSource for HfSource {
 }
 
 impl Model {
-    /// Loads a GGUF file, or an HF checkpoint directory (`quantize` then picks the type
-    /// its weight matrices are converted to; F32 by default).
+    /// Loads a GGUF file, an HF checkpoint directory, or a llama2.c checkpoint (a `.bin`
+    /// file without the GGUF magic, see [`is_llama2c_path`]); for the latter two
+    /// `quantize` picks the type weight matrices are converted to (F32 by default).
     pub fn load(path: &Path, quantize: Option<GgmlType>) -> Result<Model, ModelError> {
         if path.is_dir() {
             Self::load_hf(path, quantize)
+        } else if is_llama2c_path(path) {
+            Self::load_llama2c_with(path, quantize)
         } else {
             Self::load_gguf(path)
         }

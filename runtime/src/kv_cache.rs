@@ -231,11 +231,8 @@ impl KvCache {
     /// each `len * head_dim` f32, position-major.
     pub(crate) fn read_head(
         &self,
-        layer: usize,
-        seq: SeqId,
-        len: usize,
-        head_off: usize,
-        head_dim: usize,
+        (layer, seq, len): (usize, SeqId, usize),
+        (head_off, head_dim): (usize, usize),
         k_out: &mut [f32],
         v_out: &mut [f32],
     ) -> Result<(), KvError> {
@@ -291,6 +288,7 @@ mod tests {
         assert_eq!(c.free_blocks(), 3);
         c.reserve(8, 6).unwrap();
         assert_eq!(c.free_blocks(), 0);
+        c.set_len(8, 6);
         c.truncate(8, 1);
         assert_eq!(c.free_blocks(), 2);
     }
@@ -307,7 +305,7 @@ mod tests {
             }
             c.set_len(1, 5);
             let (mut k, mut v) = (vec![0.0; 10], vec![0.0; 10]);
-            c.read_head(1, 1, 5, 2, 2, &mut k, &mut v).unwrap();
+            c.read_head((1, 1, 5), (2, 2), &mut k, &mut v).unwrap();
             assert_eq!(
                 k,
                 vec![2.0, 3.0, 12.0, 13.0, 22.0, 23.0, 32.0, 33.0, 42.0, 43.0]

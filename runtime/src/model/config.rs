@@ -153,7 +153,7 @@ impl ModelConfig {
         let rope_scaling = match file.get_str_opt(&k("rope.scaling.type"))? {
             Some("linear") => {
                 let factor = file.get_f32(&k("rope.scaling.factor"))?;
-                if !(factor > 0.0) {
+                if factor.is_nan() || factor <= 0.0 {
                     return Err(invalid(
                         &k("rope.scaling.factor"),
                         factor.to_string(),

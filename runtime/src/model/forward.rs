@@ -279,7 +279,7 @@ impl Model {
                     let mut k = vec![0f32; len * hd];
                     let mut v = vec![0f32; len * hd];
                     cache_ref
-                        .read_head(li, seqs[si], len, g * hd, hd, &mut k, &mut v)
+                        .read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)
                         .map(|()| (k, v))
                 })
                 .collect::<Result<_, _>>()

@@ -158,11 +158,7 @@ pub struct ModelShape {
 
 impl ModelShape {
     fn n_gqa(&self) -> usize {
-        if self.n_head_kv == 0 {
-            1
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(1)
     }
 }
 

@@ -223,8 +223,7 @@ pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
         .collect();
     let mut logits = model.forward(&batch, &mut cache).unwrap();
     let mut out = Vec::new();
-    let mut pos = prompt.len();
-    for _ in 0..n {
+    for pos in prompt.len()..prompt.len() + n {
         let next = argmax(logits.row(0)) as u32;
         out.push(next);
         logits = model
@@ -238,7 +237,6 @@ pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
                 &mut cache,
             )
             .unwrap();
-        pos += 1;
     }
     out
 }

@@ -222,3 +222,97 @@ fn quantize_rejects_unknown_recipes() {
     );
     assert!(!out.exists());
 }
+
+fn read_safetensors(path: &Path) -> (Vec<i32>, Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("tokens").unwrap();
+    let l = st.tensor("logits").unwrap();
+    let tokens = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let logits = l
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (tokens, l.shape().to_vec(), logits)
+}
+
+#[test]
+fn tokenize_and_logits_follow_their_contracts() {
+    let root = conformance();
+    let case: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("cases/llama-gqa-Q8_0/case.json")).unwrap(),
+    )
+    .unwrap();
+    let model = root.join(case["model"].as_str().unwrap());
+    let g = &case["greedy"][0];
+    let prompt = g["prompt"].as_str().unwrap();
+    let want: Vec<i64> = g["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+
+    let o = graft(&[
+        "tokenize".as_ref(),
+        "-m".as_ref(),
+        model.as_os_str(),
+        "--text".as_ref(),
+        prompt.as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ids: Vec<i64> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ids, want);
+    let o = graft(&[
+        "tokenize".as_ref(),
+        "-m".as_ref(),
+        model.as_os_str(),
+        "--text".as_ref(),
+        prompt.as_ref(),
+        "--no-bos".as_ref(),
+    ]);
+    let ids: Vec<i64> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ids, want[1..]);
+
+    let dir = tmp_dir("logits");
+    // --prompt adds BOS; --tokens uses the ids exactly as given.
+    let a = dir.join("a.safetensors");
+    let o = graft(&[
+        "logits".as_ref(),
+        "-m".as_ref(),
+        model.as_os_str(),
+        "--prompt".as_ref(),
+        prompt.as_ref(),
+        "--out".as_ref(),
+        a.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list = want
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let b = dir.join("b.safetensors");
+    let o = graft(&[
+        "logits".as_ref(),
+        "-m".as_ref(),
+        model.as_os_str(),
+        "--tokens".as_ref(),
+        list.as_ref(),
+        "--out".as_ref(),
+        b.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ta, sa, la) = read_safetensors(&a);
+    let (tb, sb, lb) = read_safetensors(&b);
+    assert_eq!(ta.iter().map(|&t| t as i64).collect::<Vec<_>>(), want);
+    assert_eq!((ta, sa.clone()), (tb, sb));
+    assert_eq!(sa, vec![want.len(), 512]);
+    assert_eq!(la, lb);
+    let _ = std::fs::remove_dir_all(&dir);
+}

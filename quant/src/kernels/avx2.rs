@@ -1,11 +1,12 @@
 //! x86_64 AVX2 + FMA + F16C kernels for every weight type.
 //!
-//! Legacy quants dot 4 rows per pass so each activation load (and its offset
-//! correction) is shared by 4 weight rows; k-quants do one row per pass (their
-//! per-row decode work dwarfs the activation loads). A tile row runs exactly the
-//! same instruction sequence as a single row, so results do not depend on the tiling.
+//! One weight row per pass: on the target (Zen 4 VM) several rows walked in lockstep
+//! (4-row tiles sharing activation loads) streamed from DRAM at about half the speed
+//! of one row at a time, so each thread reads exactly one sequential stream (numbers in
+//! BENCHMARKS.md). Two accumulators per row (even/odd blocks) keep the FMA latency
+//! chain off the critical path.
 
-// Indexing the per-row accumulator arrays by row reads better than zipped iterators.
+// Block formats index several tables with one position; explicit indices read better.
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
@@ -50,46 +51,28 @@ fn check(t: GgmlType, w: &[u8], rb: usize, a: &Activations, out: &[f32]) -> usiz
     n / t.block_size()
 }
 
-/// Runs `R`-row tiles then single rows. `$k` is an `unsafe fn<const R>`.
+/// One row per call of `$k` (an `unsafe fn(row, nb, &Activations) -> f32`).
 macro_rules! rows {
-    ($name:ident, $t:expr, $k:ident, $tile:literal) => {
-        fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
-            let nb = check($t, w, rb, a, out);
-            let mut i = 0;
-            // SAFETY: rows_fn hands this kernel out only at Level::Avx2 or above,
-            // which requires runtime detection of avx2, fma and f16c; sizes checked above.
-            unsafe {
-                while i + $tile <= out.len() {
-                    $k::<$tile>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
-                    i += $tile;
-                }
-                while i < out.len() {
-                    $k::<1>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
-                    i += 1;
-                }
-            }
-        }
-    };
     ($name:ident, $t:expr, $k:ident) => {
         fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
             let nb = check($t, w, rb, a, out);
-            for i in 0..out.len() {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
                 // SAFETY: rows_fn hands this kernel out only at Level::Avx2 or above,
                 // which requires runtime detection of avx2, fma and f16c; sizes checked above.
-                unsafe { $k::<1>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i)) };
+                *o = unsafe { $k(row.as_ptr(), nb, a) };
             }
         }
     };
 }
 
-rows!(rows_f32, GgmlType::F32, k_f32, 4);
-rows!(rows_f16, GgmlType::F16, k_f16, 4);
-rows!(rows_bf16, GgmlType::BF16, k_bf16, 4);
-rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, 4);
-rows!(rows_q4_1, GgmlType::Q4_1, k_q4_1, 4);
-rows!(rows_q5_0, GgmlType::Q5_0, k_q5_0, 4);
-rows!(rows_q5_1, GgmlType::Q5_1, k_q5_1, 4);
-rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, 4);
+rows!(rows_f32, GgmlType::F32, k_f32);
+rows!(rows_f16, GgmlType::F16, k_f16);
+rows!(rows_bf16, GgmlType::BF16, k_bf16);
+rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0);
+rows!(rows_q4_1, GgmlType::Q4_1, k_q4_1);
+rows!(rows_q5_0, GgmlType::Q5_0, k_q5_0);
+rows!(rows_q5_1, GgmlType::Q5_1, k_q5_1);
+rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0);
 rows!(rows_q2_k, GgmlType::Q2_K, k_q2_k);
 rows!(rows_q3_k, GgmlType::Q3_K, k_q3_k);
 rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
@@ -119,8 +102,11 @@ unsafe fn hsum_ps128(s: __m128) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
-    let h = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    // A broadcast, not a lane insert: LLVM lowers an insert to `vpinsrw` merging into
+    // whatever register it likes (often an accumulator), a false dependency that
+    // serialized the whole block loop behind the previous FMA.
+    let h = (p as *const i16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h)))
 }
 
 /// 16 packed nibbles -> 32 bytes: low nibbles (values 0..16) then high (16..32).
@@ -158,45 +144,33 @@ unsafe fn loadu(p: *const i8) -> __m256i {
 // ---- float weights ------------------------------------------------------------------
 
 /// Shared body of the float kernels: `$load(ptr, i)` widens 8 weights at element i.
+/// Four accumulators (32 elements per step) hide the FMA latency.
 macro_rules! float_kernel {
     ($name:ident, $esize:literal, $load:ident, $one:ident) => {
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const R: usize>(
-            w: *const u8,
-            rb: usize,
-            n: usize,
-            a: &Activations,
-            out: *mut f32,
-        ) {
+        unsafe fn $name(p: *const u8, n: usize, a: &Activations) -> f32 {
             let x = a.f.as_ptr();
-            let mut acc0 = [_mm256_setzero_ps(); R];
-            let mut acc1 = [_mm256_setzero_ps(); R];
+            let mut acc = [_mm256_setzero_ps(); 4];
             let mut i = 0;
-            while i + 16 <= n {
-                let x0 = _mm256_loadu_ps(x.add(i));
-                let x1 = _mm256_loadu_ps(x.add(i + 8));
-                for r in 0..R {
-                    let p = w.add(r * rb);
-                    acc0[r] = _mm256_fmadd_ps($load(p, i), x0, acc0[r]);
-                    acc1[r] = _mm256_fmadd_ps($load(p, i + 8), x1, acc1[r]);
+            while i + 32 <= n {
+                for (k, ak) in acc.iter_mut().enumerate() {
+                    let j = i + 8 * k;
+                    *ak = _mm256_fmadd_ps($load(p, j), _mm256_loadu_ps(x.add(j)), *ak);
                 }
-                i += 16;
+                i += 32;
             }
-            if i + 8 <= n {
-                let x0 = _mm256_loadu_ps(x.add(i));
-                for r in 0..R {
-                    acc0[r] = _mm256_fmadd_ps($load(w.add(r * rb), i), x0, acc0[r]);
-                }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps($load(p, i), _mm256_loadu_ps(x.add(i)), acc[0]);
                 i += 8;
             }
-            for r in 0..R {
-                let p = w.add(r * rb);
-                let mut s = hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
-                for j in i..n {
-                    s += $one(p.add(j * $esize)) * *x.add(j);
-                }
-                *out.add(r) = s;
+            let mut s = hsum_ps(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
+            for j in i..n {
+                s += $one(p.add(j * $esize)) * *x.add(j);
             }
+            s
         }
     };
 }
@@ -234,161 +208,108 @@ float_kernel!(k_bf16, 2, ld_bf16, one_bf16);
 
 // ---- legacy quants ------------------------------------------------------------------
 
-/// Q4_0: sum((q - 8) * y) = maddubs(q, y) - maddubs(8, y); the second term depends
-/// only on the activations and is shared by the tile's rows.
+/// Drives a legacy-quant block kernel over one row: `$blk(b, acc)` adds block b's
+/// scaled dot into `acc`; even and odd blocks use separate accumulators.
+macro_rules! legacy_loop {
+    ($nb:expr, |$b:ident, $acc:ident| $body:block) => {{
+        let mut accs = [_mm256_setzero_ps(); 2];
+        for $b in 0..$nb {
+            let $acc = &mut accs[$b & 1];
+            $body
+        }
+        hsum_ps(_mm256_add_ps(accs[0], accs[1]))
+    }};
+}
+
+/// Q4_0: sum((q - 8) * y) = maddubs(q, y) - maddubs(8, y).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q4_0<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q4_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let off = _mm256_set1_epi8(8);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
+    legacy_loop!(nb, |b, acc| {
+        let blk = w.add(18 * b);
         let y = loadu(a.qs.as_ptr().add(QK * b));
-        let c = _mm256_maddubs_epi16(off, y);
-        let dy = *a.d.get_unchecked(b);
-        for r in 0..R {
-            let blk = w.add(r * rb + 18 * b);
-            let q = nibbles(blk.add(2));
-            let p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q, y), c), ones);
-            let d = _mm256_set1_ps(f16_at(blk) * dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-        }
-    }
-    for r in 0..R {
-        *out.add(r) = hsum_ps(acc[r]);
-    }
+        let q = nibbles(blk.add(2));
+        let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), _mm256_maddubs_epi16(off, y));
+        let p = _mm256_madd_epi16(p16, ones);
+        let d = _mm256_set1_ps(f16_at(blk) * *a.d.get_unchecked(b));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, *acc);
+    })
 }
 
 /// Q4_1: unsigned nibbles times y, plus m * s per block.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q4_1<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q4_1(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut ms = [0f32; R];
-    for b in 0..nb {
+    let mut ms = 0f32;
+    let s = legacy_loop!(nb, |b, acc| {
+        let blk = w.add(20 * b);
         let y = loadu(a.qs.as_ptr().add(QK * b));
-        let dy = *a.d.get_unchecked(b);
-        let sy = *a.s.get_unchecked(b);
-        for r in 0..R {
-            let blk = w.add(r * rb + 20 * b);
-            let q = nibbles(blk.add(4));
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-            let d = _mm256_set1_ps(f16_at(blk) * dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-            ms[r] += f16_at(blk.add(2)) * sy;
-        }
-    }
-    for r in 0..R {
-        *out.add(r) = hsum_ps(acc[r]) + ms[r];
-    }
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(blk.add(4)), y), ones);
+        let d = _mm256_set1_ps(f16_at(blk) * *a.d.get_unchecked(b));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, *acc);
+        ms += f16_at(blk.add(2)) * *a.s.get_unchecked(b);
+    });
+    s + ms
 }
 
 /// Q5_0: 5-bit unsigned q = nibble | bit << 4; offset 16 handled like Q4_0's 8.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q5_0<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q5_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let off = _mm256_set1_epi8(16);
     let b4 = _mm256_set1_epi8(0x10);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
+    legacy_loop!(nb, |b, acc| {
+        let blk = w.add(22 * b);
         let y = loadu(a.qs.as_ptr().add(QK * b));
-        let c = _mm256_maddubs_epi16(off, y);
-        let dy = *a.d.get_unchecked(b);
-        for r in 0..R {
-            let blk = w.add(r * rb + 22 * b);
-            let qh = (blk.add(2) as *const u32).read_unaligned();
-            let q = _mm256_or_si256(
-                nibbles(blk.add(6)),
-                _mm256_and_si256(bytes_from_bits(qh), b4),
-            );
-            let p = _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(q, y), c), ones);
-            let d = _mm256_set1_ps(f16_at(blk) * dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-        }
-    }
-    for r in 0..R {
-        *out.add(r) = hsum_ps(acc[r]);
-    }
+        let qh = (blk.add(2) as *const u32).read_unaligned();
+        let q = _mm256_or_si256(
+            nibbles(blk.add(6)),
+            _mm256_and_si256(bytes_from_bits(qh), b4),
+        );
+        let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), _mm256_maddubs_epi16(off, y));
+        let p = _mm256_madd_epi16(p16, ones);
+        let d = _mm256_set1_ps(f16_at(blk) * *a.d.get_unchecked(b));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, *acc);
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q5_1<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q5_1(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let ones = _mm256_set1_epi16(1);
     let b4 = _mm256_set1_epi8(0x10);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut ms = [0f32; R];
-    for b in 0..nb {
+    let mut ms = 0f32;
+    let s = legacy_loop!(nb, |b, acc| {
+        let blk = w.add(24 * b);
         let y = loadu(a.qs.as_ptr().add(QK * b));
-        let dy = *a.d.get_unchecked(b);
-        let sy = *a.s.get_unchecked(b);
-        for r in 0..R {
-            let blk = w.add(r * rb + 24 * b);
-            let qh = (blk.add(4) as *const u32).read_unaligned();
-            let q = _mm256_or_si256(
-                nibbles(blk.add(8)),
-                _mm256_and_si256(bytes_from_bits(qh), b4),
-            );
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-            let d = _mm256_set1_ps(f16_at(blk) * dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-            ms[r] += f16_at(blk.add(2)) * sy;
-        }
-    }
-    for r in 0..R {
-        *out.add(r) = hsum_ps(acc[r]) + ms[r];
-    }
+        let qh = (blk.add(4) as *const u32).read_unaligned();
+        let q = _mm256_or_si256(
+            nibbles(blk.add(8)),
+            _mm256_and_si256(bytes_from_bits(qh), b4),
+        );
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+        let d = _mm256_set1_ps(f16_at(blk) * *a.d.get_unchecked(b));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, *acc);
+        ms += f16_at(blk.add(2)) * *a.s.get_unchecked(b);
+    });
+    s + ms
 }
 
 /// Q8_0: signed x signed via |w| * (y with w's sign) (|w| <= 128 fits maddubs).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q8_0<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..nb {
+    legacy_loop!(nb, |b, acc| {
+        let blk = w.add(34 * b);
         let y = loadu(a.qs.as_ptr().add(QK * b));
-        let dy = *a.d.get_unchecked(b);
-        for r in 0..R {
-            let blk = w.add(r * rb + 34 * b);
-            let q = loadu(blk.add(2) as *const i8);
-            let ax = _mm256_sign_epi8(q, q);
-            let sy = _mm256_sign_epi8(y, q);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-            let d = _mm256_set1_ps(f16_at(blk) * dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-        }
-    }
-    for r in 0..R {
-        *out.add(r) = hsum_ps(acc[r]);
-    }
+        let q = loadu(blk.add(2) as *const i8);
+        let p = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)),
+            ones,
+        );
+        let d = _mm256_set1_ps(f16_at(blk) * *a.d.get_unchecked(b));
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, *acc);
+    })
 }
 
 // ---- k-quants -----------------------------------------------------------------------
@@ -434,13 +355,7 @@ unsafe fn shuf(v: __m256i, m: &[u8; 32]) -> __m256i {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q2_k<const R: usize>(
-    w: *const u8,
-    _rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q2_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m3 = _mm256_set1_epi8(3);
     let m4 = _mm_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
@@ -471,17 +386,11 @@ unsafe fn k_q2_k<const R: usize>(
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(dall), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *out = hsum_ps(acc) - hsum_ps(accm);
+    hsum_ps(acc) - hsum_ps(accm)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q3_k<const R: usize>(
-    w: *const u8,
-    _rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q3_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m3 = _mm256_set1_epi8(3);
     let four = _mm256_set1_epi8(4);
     let mut acc = _mm256_setzero_ps();
@@ -516,7 +425,7 @@ unsafe fn k_q3_k<const R: usize>(
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *out = hsum_ps(acc);
+    hsum_ps(acc)
 }
 
 /// Q4_K/Q5_K shared part: scales as i16 broadcast over both lanes, and the min
@@ -536,13 +445,7 @@ unsafe fn k4_prep(scales: &[u8; 12], y: &BlockQ8_K, dmin: f32, accm: &mut __m128
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q4_k<const R: usize>(
-    w: *const u8,
-    _rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q4_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = _mm256_setzero_ps();
     let mut accm = _mm_setzero_ps();
@@ -565,17 +468,11 @@ unsafe fn k_q4_k<const R: usize>(
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *out = hsum_ps(acc) - hsum_ps128(accm);
+    hsum_ps(acc) - hsum_ps128(accm)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q5_k<const R: usize>(
-    w: *const u8,
-    _rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q5_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let m1 = _mm256_set1_epi8(1);
     let mut acc = _mm256_setzero_ps();
@@ -608,7 +505,7 @@ unsafe fn k_q5_k<const R: usize>(
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *out = hsum_ps(acc) - hsum_ps128(accm);
+    hsum_ps(acc) - hsum_ps128(accm)
 }
 
 /// `_mm_shuffle_epi8` masks over Q6_K's 16 i8 scales: mask i = [2i x8, 2i+1 x8].
@@ -628,13 +525,7 @@ const fn q6_shuffles() -> [[u8; 16]; 8] {
 static Q6_SHUF: [[u8; 16]; 8] = q6_shuffles();
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k_q6_k<const R: usize>(
-    w: *const u8,
-    _rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m4 = _mm256_set1_epi8(0xF);
     let m2 = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
@@ -680,7 +571,7 @@ unsafe fn k_q6_k<const R: usize>(
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    *out = hsum_ps(acc);
+    hsum_ps(acc)
 }
 
 // ---- activation quantization ---------------------------------------------------------

@@ -6,17 +6,21 @@
 //! 4 blocks' quants from two or three 64-byte loads and another gathers their 4 f16
 //! scales, already replicated across the lanes they scale. Unsigned x signed
 //! products use `vpdpbusd`; the offsets (Q4_0's 8, Q8_0's +128 bias that makes its
-//! weights unsigned) are subtracted through a per-block activation term computed once
-//! for the 4-row tile. k-quants apply their sub-block scales with `vpackssdw` +
+//! weights unsigned) are subtracted through per-lane activation sums computed in
+//! registers. Rows are dotted one at a time (one DRAM stream per thread; see avx2.rs).
+//! Only Q4_0's nibble-ordered activations are prepared once per call ([`prepare`]):
+//! extra per-call arrays (precomputed corrections, replicated scales) were measured to
+//! halve the streamed rate, presumably by competing with the weight stream in L1 and
+//! in the prefetchers. k-quants apply their sub-block scales with `vpackssdw` +
 //! `vpdpwssd` instead of AVX2's shuffle + `vpmaddwd` per 16 values.
 
-// Per-row accumulator arrays are indexed by row.
+// Block formats index several tables with one position; explicit indices read better.
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
 use super::avx2::{f16_at, hsum_ps};
-use super::{Activations, RowsFn};
+use super::{Activations, Prep, RowsFn};
 use crate::blocks::*;
 use crate::kernels::scalar::k4_scales_mins;
 use crate::{GgmlType, QK, QK_K};
@@ -35,7 +39,7 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
     })
 }
 
-/// Same invariant check as the AVX2 level.
+/// Same invariant check as the AVX2 level, plus the prepared terms for Q4_0/Q8_0.
 fn check(t: GgmlType, w: &[u8], rb: usize, a: &Activations, out: &[f32]) -> usize {
     let n = rb / t.type_size() * t.block_size();
     let ok = w.len() == out.len() * rb
@@ -49,42 +53,82 @@ fn check(t: GgmlType, w: &[u8], rb: usize, a: &Activations, out: &[f32]) -> usiz
     n / t.block_size()
 }
 
+/// The prepared activation terms for `t` (Q4_0 or Q8_0): those made by
+/// `quantize_activations` when they match, else made here (activations built by hand).
+fn prep_for<'a>(t: GgmlType, a: &'a Activations, local: &'a mut Option<Prep>) -> &'a Prep {
+    if a.prep.for_ty == Some(t) {
+        return &a.prep;
+    }
+    let mut p = Prep::default();
+    prepare_into(t, a, &mut p);
+    local.insert(p)
+}
+
+/// Fills `a.prep` for weights of type `t` (a no-op for types without prepared terms).
+pub(super) fn prepare(t: GgmlType, a: &mut Activations) {
+    let mut p = std::mem::take(&mut a.prep);
+    prepare_into(t, a, &mut p);
+    a.prep = p;
+}
+
+fn prepare_into(t: GgmlType, a: &Activations, p: &mut Prep) {
+    let groups = a.qs.len() / (4 * QK);
+    if t != GgmlType::Q4_0 {
+        return;
+    }
+    p.for_ty = Some(t);
+    p.y.resize(groups * 4 * QK, 0);
+    // SAFETY: only reachable from this module's kernels or from quantize_activations
+    // at a detected Level::Avx512; the buffer was sized for `groups` just above.
+    unsafe { prepare_q4_0(a, p, groups) }
+}
+
+/// Q4_0's activations reordered per 4 blocks to the nibbles' order: values 0..16 of
+/// the 4 blocks, then values 16..32 (same size as the quants they replace, so the
+/// row loop still reads one activation array besides the scales).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn prepare_q4_0(a: &Activations, p: &mut Prep, groups: usize) {
+    for g in 0..groups {
+        let y0 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g) as *const _);
+        let y1 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g + 64) as *const _);
+        let ylo = _mm512_permutex2var_epi64(y0, ld_q8(&Y_LO), y1);
+        let yhi = _mm512_permutex2var_epi64(y0, ld_q8(&Y_HI), y1);
+        _mm512_storeu_si512(p.y.as_mut_ptr().add(128 * g) as *mut _, ylo);
+        _mm512_storeu_si512(p.y.as_mut_ptr().add(128 * g + 64) as *mut _, yhi);
+    }
+}
+
 macro_rules! rows {
-    ($name:ident, $t:expr, $k:ident, $tile:literal) => {
+    ($name:ident, $t:expr, $k:ident, prep) => {
         fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
             let nb = check($t, w, rb, a, out);
-            let mut i = 0;
-            // SAFETY: rows_fn hands this kernel out only at Level::Avx512, which
-            // requires runtime detection of avx512f/bw/vl/vnni (and the AVX2 set);
-            // sizes checked above.
-            unsafe {
-                while i + $tile <= out.len() {
-                    $k::<$tile>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
-                    i += $tile;
-                }
-                while i < out.len() {
-                    $k::<1>(w.as_ptr().add(i * rb), rb, nb, a, out.as_mut_ptr().add(i));
-                    i += 1;
-                }
+            let mut local = None;
+            let p = prep_for($t, a, &mut local);
+            assert!(p.y.len() >= nb / 4 * 4 * QK);
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
+                // SAFETY: rows_fn hands this kernel out only at Level::Avx512, which
+                // requires runtime detection of avx512f/bw/vl/vnni (and the AVX2 set);
+                // sizes checked above.
+                *o = unsafe { $k(row.as_ptr(), nb, a, p) };
             }
         }
     };
     ($name:ident, $t:expr, $k:ident) => {
         fn $name(w: &[u8], rb: usize, a: &Activations, out: &mut [f32]) {
             let nb = check($t, w, rb, a, out);
-            for i in 0..out.len() {
+            for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
                 // SAFETY: as above: only reachable at a detected Level::Avx512.
-                unsafe { $k(w.as_ptr().add(i * rb), nb, a, out.as_mut_ptr().add(i)) };
+                *o = unsafe { $k(row.as_ptr(), nb, a) };
             }
         }
     };
 }
 
-rows!(rows_f32, GgmlType::F32, k_f32, 4);
-rows!(rows_f16, GgmlType::F16, k_f16, 4);
-rows!(rows_bf16, GgmlType::BF16, k_bf16, 4);
-rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, 4);
-rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, 4);
+rows!(rows_f32, GgmlType::F32, k_f32);
+rows!(rows_f16, GgmlType::F16, k_f16);
+rows!(rows_bf16, GgmlType::BF16, k_bf16);
+rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, prep);
+rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0);
 rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
 rows!(rows_q5_k, GgmlType::Q5_K, k_q5_k);
 rows!(rows_q6_k, GgmlType::Q6_K, k_q6_k);
@@ -202,31 +246,20 @@ unsafe fn ld_bf16(p: *const u8, i: usize, m: __mmask16) -> __m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
 }
 
-/// Float kernels: 2 x 16 lanes per row per step, masked loads for the tail (no
-/// scalar remainder; masked-off lanes are not read).
+/// Float kernels: 2 x 16 lanes per step, masked loads for the tail (no scalar
+/// remainder; masked-off lanes are not read).
 macro_rules! float_kernel {
     ($name:ident, $load:ident) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn $name<const R: usize>(
-            w: *const u8,
-            rb: usize,
-            n: usize,
-            a: &Activations,
-            out: *mut f32,
-        ) {
+        unsafe fn $name(p: *const u8, n: usize, a: &Activations) -> f32 {
             let x = a.f.as_ptr();
             let all: __mmask16 = 0xFFFF;
-            let mut acc0 = [_mm512_setzero_ps(); R];
-            let mut acc1 = [_mm512_setzero_ps(); R];
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
             let mut i = 0;
             while i + 32 <= n {
-                let x0 = _mm512_loadu_ps(x.add(i));
-                let x1 = _mm512_loadu_ps(x.add(i + 16));
-                for r in 0..R {
-                    let p = w.add(r * rb);
-                    acc0[r] = _mm512_fmadd_ps($load(p, i, all), x0, acc0[r]);
-                    acc1[r] = _mm512_fmadd_ps($load(p, i + 16, all), x1, acc1[r]);
-                }
+                acc0 = _mm512_fmadd_ps($load(p, i, all), _mm512_loadu_ps(x.add(i)), acc0);
+                acc1 = _mm512_fmadd_ps($load(p, i + 16, all), _mm512_loadu_ps(x.add(i + 16)), acc1);
                 i += 32;
             }
             while i < n {
@@ -235,15 +268,10 @@ macro_rules! float_kernel {
                 } else {
                     (1u16 << (n - i)) - 1
                 };
-                let x0 = _mm512_maskz_loadu_ps(m, x.add(i));
-                for r in 0..R {
-                    acc0[r] = _mm512_fmadd_ps($load(w.add(r * rb), i, m), x0, acc0[r]);
-                }
+                acc0 = _mm512_fmadd_ps($load(p, i, m), _mm512_maskz_loadu_ps(m, x.add(i)), acc0);
                 i += 16;
             }
-            for r in 0..R {
-                *out.add(r) = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
-            }
+            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
         }
     };
 }
@@ -255,164 +283,126 @@ float_kernel!(k_bf16, ld_bf16);
 // ---- Q4_0 ----------------------------------------------------------------------------
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q4_0<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q4_0(w: *const u8, nb: usize, a: &Activations, pr: &Prep) -> f32 {
     let m4 = _mm512_set1_epi8(0x0F);
     let eight = _mm512_set1_epi8(8);
-    let (qidx, didx, by4) = (ld_w16(&Q4_0_QS), ld_w16(&Q4_0_D), ld_d16(&BY4));
-    let (ylo_i, yhi_i) = (ld_q8(&Y_LO), ld_q8(&Y_HI));
     let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); R];
-    let nb4 = nb / 4 * 4;
-    let mut b = 0;
-    while b < nb4 {
-        let y0 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b) as *const _);
-        let y1 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b + 64) as *const _);
-        let ylo = _mm512_permutex2var_epi64(y0, ylo_i, y1);
-        let yhi = _mm512_permutex2var_epi64(y0, yhi_i, y1);
-        // -8 * sum(y) per 4-byte lane group: makes vpdpbusd(q, y) sum (q - 8) * y
-        let negc = _mm512_sub_epi32(
-            zero,
-            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi),
-        );
-        let dy = _mm512_permutexvar_ps(
-            by4,
-            _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(b))),
-        );
-        for r in 0..R {
-            let p = w.add(r * rb + 18 * b);
-            let lo_bytes = _mm512_loadu_si512(p as *const _);
-            let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
-            let qs = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
-            let lo = _mm512_and_si512(qs, m4);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(qs), m4);
-            let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(negc, lo, ylo), hi, yhi);
-            let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
-                didx, lo_bytes,
-            )));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dy), acc[r]);
-        }
-        b += 4;
+    let (qidx, didx, by4) = (ld_w16(&Q4_0_QS), ld_w16(&Q4_0_D), ld_d16(&BY4));
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let groups = nb / 4;
+    for g in 0..groups {
+        let p = w.add(72 * g);
+        let lo_bytes = _mm512_loadu_si512(p as *const _);
+        let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
+        let qs = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
+        let lo = _mm512_and_si512(qs, m4);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(qs), m4);
+        let ylo = _mm512_loadu_si512(pr.y.as_ptr().add(128 * g) as *const _);
+        let yhi = _mm512_loadu_si512(pr.y.as_ptr().add(128 * g + 64) as *const _);
+        // start from -8 * sum(y) per lane so vpdpbusd(q, y) sums (q - 8) * y
+        let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi);
+        let neg = _mm512_sub_epi32(zero, c);
+        let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
+        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
+            didx, lo_bytes,
+        )));
+        let d4 = _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(4 * g)));
+        let d = _mm512_mul_ps(dw, _mm512_permutexvar_ps(by4, d4));
+        acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[g & 1]);
     }
     // remaining 1..3 blocks, one 256-bit block at a time
-    let m4y = _mm256_set1_epi8(0x0F);
-    let mut tail = [_mm256_setzero_ps(); R];
-    while b < nb {
+    let mut tail = _mm256_setzero_ps();
+    for b in 4 * groups..nb {
         let y = _mm256_loadu_si256(a.qs.as_ptr().add(QK * b) as *const __m256i);
-        let negc = _mm256_sub_epi32(
+        let neg = _mm256_sub_epi32(
             _mm256_setzero_si256(),
             _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
         );
-        let dy = *a.d.get_unchecked(b);
-        for r in 0..R {
-            let p = w.add(r * rb + 18 * b);
-            let q = _mm_loadu_si128(p.add(2) as *const __m128i);
-            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), m4y);
-            let s = _mm256_dpbusd_epi32(negc, q, y);
-            tail[r] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(s),
-                _mm256_set1_ps(f16_at(p) * dy),
-                tail[r],
-            );
-        }
-        b += 1;
+        let p = w.add(18 * b);
+        let q = _mm_loadu_si128(p.add(2) as *const __m128i);
+        let q = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+            _mm256_set1_epi8(0x0F),
+        );
+        let s = _mm256_dpbusd_epi32(neg, q, y);
+        let d = _mm256_set1_ps(f16_at(p) * *a.d.get_unchecked(b));
+        tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail);
     }
-    for r in 0..R {
-        *out.add(r) = _mm512_reduce_add_ps(acc[r]) + hsum_ps(tail[r]);
-    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + hsum_ps(tail)
 }
 
 // ---- Q8_0 ----------------------------------------------------------------------------
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q8_0<const R: usize>(
-    w: *const u8,
-    rb: usize,
-    nb: usize,
-    a: &Activations,
-    out: *mut f32,
-) {
+unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let bias = _mm512_set1_epi8(-128);
+    let zero = _mm512_setzero_si512();
     let (i01, i23, didx) = (ld_w16(&Q8_0_QS01), ld_w16(&Q8_0_QS23), ld_w16(&Q8_0_D));
     let (by01, by23) = (ld_d16(&BY8_01), ld_d16(&BY8_23));
-    let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); R];
-    let nb4 = nb / 4 * 4;
-    let mut b = 0;
-    while b < nb4 {
-        let y01 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b) as *const _);
-        let y23 = _mm512_loadu_si512(a.qs.as_ptr().add(QK * b + 64) as *const _);
-        // weights are biased by +128 (xor 0x80) to be unsigned: subtract 128 * sum(y)
+    let mut acc0 = _mm512_setzero_ps();
+    let mut acc1 = _mm512_setzero_ps();
+    let groups = nb / 4;
+    for g in 0..groups {
+        let p = w.add(136 * g);
+        let v0 = _mm512_loadu_si512(p as *const _);
+        let v1 = _mm512_loadu_si512(p.add(64) as *const _);
+        let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
+        // weights biased by +128 (xor 0x80) to be unsigned; start from -128 * sum(y)
+        let q01 = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
+        let q23 = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
+        let y01 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g) as *const _);
+        let y23 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g + 64) as *const _);
         let neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y01));
         let neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y23));
-        let d4 = _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(b)));
-        let dy01 = _mm512_permutexvar_ps(by01, d4);
-        let dy23 = _mm512_permutexvar_ps(by23, d4);
-        for r in 0..R {
-            let p = w.add(r * rb + 34 * b);
-            let v0 = _mm512_loadu_si512(p as *const _);
-            let v1 = _mm512_loadu_si512(p.add(64) as *const _);
-            let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
-            let q01 = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
-            let q23 = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
-            let dd = _mm512_permutex2var_epi16(v0, didx, v1);
-            let d01 = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(dd)), dy01);
-            let d23 = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd)), dy23);
-            let s01 = _mm512_dpbusd_epi32(neg01, q01, y01);
-            let s23 = _mm512_dpbusd_epi32(neg23, q23, y23);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc[r]);
-        }
-        b += 4;
+        let s01 = _mm512_dpbusd_epi32(neg01, q01, y01);
+        let s23 = _mm512_dpbusd_epi32(neg23, q23, y23);
+        let dd = _mm512_permutex2var_epi16(v0, didx, v1);
+        let d4 = _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(4 * g)));
+        let d01 = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm512_castsi512_si256(dd)),
+            _mm512_permutexvar_ps(by01, d4),
+        );
+        let d23 = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd)),
+            _mm512_permutexvar_ps(by23, d4),
+        );
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc1);
     }
     let bias_y = _mm256_set1_epi8(-128);
-    let mut tail = [_mm256_setzero_ps(); R];
-    while b < nb {
+    let mut tail = _mm256_setzero_ps();
+    for b in 4 * groups..nb {
         let y = _mm256_loadu_si256(a.qs.as_ptr().add(QK * b) as *const __m256i);
         let neg = _mm256_sub_epi32(
             _mm256_setzero_si256(),
             _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias_y, y),
         );
-        let dy = *a.d.get_unchecked(b);
-        for r in 0..R {
-            let p = w.add(r * rb + 34 * b);
-            let q = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
-            let s = _mm256_dpbusd_epi32(neg, q, y);
-            tail[r] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(s),
-                _mm256_set1_ps(f16_at(p) * dy),
-                tail[r],
-            );
-        }
-        b += 1;
+        let p = w.add(34 * b);
+        let q = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
+        let s = _mm256_dpbusd_epi32(neg, q, y);
+        let d = _mm256_set1_ps(f16_at(p) * *a.d.get_unchecked(b));
+        tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail);
     }
-    for r in 0..R {
-        *out.add(r) = _mm512_reduce_add_ps(acc[r]) + hsum_ps(tail[r]);
-    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum_ps(tail)
 }
 
 // ---- k-quants --------------------------------------------------------------------------
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q4_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
-    k4::<false>(w, nb, a, out)
+unsafe fn k_q4_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
+    k4::<false>(w, nb, a)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q5_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
-    k4::<true>(w, nb, a, out)
+unsafe fn k_q5_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
+    k4::<true>(w, nb, a)
 }
 
 /// Q4_K (`Q5 == false`, 144-byte blocks) and Q5_K (176-byte blocks: qh's bit 2c / 2c+1
 /// of byte l adds 16 to value 64c+l / 64c+32+l).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k4<const Q5: bool>(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
+unsafe fn k4<const Q5: bool>(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m4 = _mm512_set1_epi8(0x0F);
     let b4 = _mm512_set1_epi8(0x10);
     let (s01_i, s23_i) = (ld_w16(&Q4_K_S01), ld_w16(&Q4_K_S23));
@@ -477,11 +467,11 @@ unsafe fn k4<const Q5: bool>(w: *const u8, nb: usize, a: &Activations, out: *mut
     }
     let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
     let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-    *out = _mm512_reduce_add_ps(acc) - m;
+    _mm512_reduce_add_ps(acc) - m
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
+unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m4 = _mm512_set1_epi8(0x0F);
     let m30 = _mm512_set1_epi8(0x30);
     let s_i = [ld_w16(&Q6_K_S0), ld_w16(&Q6_K_S1)];
@@ -524,5 +514,5 @@ unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations, out: *mut f32) {
         }
         acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
     }
-    *out = _mm512_reduce_add_ps(acc);
+    _mm512_reduce_add_ps(acc)
 }

@@ -213,6 +213,18 @@ pub struct Activations {
     pub(crate) s: Vec<f32>,
     /// Q8_0: per 32-block sum of the quants (offset corrections for Q4_0/Q5_0).
     pub(crate) sum: Vec<i32>,
+    /// Activation-side terms prepared once per call for one weight type's kernel.
+    pub(crate) prep: Prep,
+}
+
+/// Activation-side terms a kernel would otherwise recompute for every weight row
+/// (layouts are the kernel's business; see avx512.rs).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Prep {
+    /// The weight type these were prepared for.
+    pub(crate) for_ty: Option<GgmlType>,
+    /// Permuted activation quants.
+    pub(crate) y: Vec<i8>,
 }
 
 impl Activations {
@@ -329,7 +341,7 @@ pub fn quantize_activations_with(
         let _ = lvl;
         false
     };
-    Ok(match at {
+    let mut act = match at {
         GgmlType::Q8_0 => {
             let mut b = vec![BlockQ8_0::default(); x.len() / QK];
             #[cfg(target_arch = "x86_64")]
@@ -364,7 +376,12 @@ pub fn quantize_activations_with(
             Activations::from_q8_k(b)
         }
         _ => Activations::from_f32(x.to_vec()),
-    })
+    };
+    #[cfg(target_arch = "x86_64")]
+    if lvl >= Level::Avx512 && lvl.is_available() {
+        avx512::prepare(w, &mut act);
+    }
+    Ok(act)
 }
 
 fn check_act(w: GgmlType, act: &Activations) -> Result<usize, QuantError> {

@@ -112,7 +112,7 @@ pub fn sum_bytes_par(buf: &[u8]) -> u64 {
 }
 
 /// Matvec with f32 activations (the alternative to 8-bit activations), for Q4_0 and
-/// Q8_0 weights, AVX2, 4-row tiles like graft's int8 kernels. Measurement only.
+/// Q8_0 weights, AVX2, one row at a time like graft's int8 kernels. Measurement only.
 /// Returns false if the CPU lacks AVX2/FMA/F16C or the type is not Q4_0/Q8_0.
 pub fn matvec_f32_act(
     t: GgmlType,
@@ -161,9 +161,6 @@ pub fn matvec_f32_act(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    // Per-row accumulator arrays are indexed by row.
-    #![allow(clippy::needless_range_loop)]
-
     use graft_quant::GgmlType;
     use std::arch::x86_64::*;
 
@@ -212,8 +209,9 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16_at(p: *const u8) -> f32 {
-        let h = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+        // broadcast, not an insert (an insert gets a false dependency, see graft-quant)
+        let h = (p as *const i16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h)))
     }
 
     #[inline]
@@ -233,26 +231,13 @@ mod x86 {
         xsum: &[f32],
         y: &mut [f32],
     ) {
-        let mut i = 0;
-        while i < y.len() {
-            let p = w.as_ptr().add(i * rb);
-            if i + 4 <= y.len() {
-                let o = &mut *(y.as_mut_ptr().add(i) as *mut [f32; 4]);
-                if t == GgmlType::Q4_0 {
-                    q4_0_f32::<4>(p, rb, x, xsum, o);
-                } else {
-                    q8_0_f32::<4>(p, rb, x, o);
-                }
-                i += 4;
+        // one row at a time, like graft's kernels (one DRAM stream per thread)
+        for (o, row) in y.iter_mut().zip(w.chunks_exact(rb)) {
+            *o = if t == GgmlType::Q4_0 {
+                q4_0_f32(row.as_ptr(), rb, x, xsum)
             } else {
-                let o = &mut *(y.as_mut_ptr().add(i) as *mut [f32; 1]);
-                if t == GgmlType::Q4_0 {
-                    q4_0_f32::<1>(p, rb, x, xsum, o);
-                } else {
-                    q8_0_f32::<1>(p, rb, x, o);
-                }
-                i += 1;
-            }
+                q8_0_f32(row.as_ptr(), rb, x)
+            };
         }
     }
 
@@ -269,70 +254,53 @@ mod x86 {
     }
 
     /// Q4_0 x f32: widen nibbles to f32, FMA with x; d * (sum q*x - 8 * sum x).
+    /// Even/odd blocks use separate accumulators, as graft's int8 kernels do.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_0_f32<const R: usize>(
-        w: *const u8,
-        rb: usize,
-        x: &[f32],
-        xsum: &[f32],
-        out: &mut [f32; R],
-    ) {
+    unsafe fn q4_0_f32(w: *const u8, rb: usize, x: &[f32], xsum: &[f32]) -> f32 {
         let nb = rb / 18;
         let m4 = _mm_set1_epi8(0xF);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut corr = [0f32; R];
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut corr = 0f32;
         for b in 0..nb {
             let xp = x.as_ptr().add(32 * b);
-            let xv = [
-                _mm256_loadu_ps(xp),
+            let blk = w.add(18 * b);
+            let q = _mm_loadu_si128(blk.add(2) as *const __m128i);
+            let lo = _mm_and_si128(q, m4);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+            let mut t = _mm256_mul_ps(widen_u8(lo), _mm256_loadu_ps(xp));
+            t = _mm256_fmadd_ps(
+                widen_u8(_mm_srli_si128(lo, 8)),
                 _mm256_loadu_ps(xp.add(8)),
-                _mm256_loadu_ps(xp.add(16)),
+                t,
+            );
+            t = _mm256_fmadd_ps(widen_u8(hi), _mm256_loadu_ps(xp.add(16)), t);
+            t = _mm256_fmadd_ps(
+                widen_u8(_mm_srli_si128(hi, 8)),
                 _mm256_loadu_ps(xp.add(24)),
-            ];
-            for r in 0..R {
-                let blk = w.add(r * rb + 18 * b);
-                let q = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                let lo = _mm_and_si128(q, m4);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-                let mut t = _mm256_mul_ps(widen_u8(lo), xv[0]);
-                t = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(lo, 8)), xv[1], t);
-                t = _mm256_fmadd_ps(widen_u8(hi), xv[2], t);
-                t = _mm256_fmadd_ps(widen_u8(_mm_srli_si128(hi, 8)), xv[3], t);
-                let d = f16_at(blk);
-                acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc[r]);
-                corr[r] += d * xsum[b];
-            }
+                t,
+            );
+            let d = f16_at(blk);
+            acc[b & 1] = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc[b & 1]);
+            corr += d * xsum[b];
         }
-        for r in 0..R {
-            out[r] = hsum(acc[r]) - 8.0 * corr[r];
-        }
+        hsum(_mm256_add_ps(acc[0], acc[1])) - 8.0 * corr
     }
 
     /// Q8_0 x f32: widen i8 to f32, FMA with x, scale per block.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_f32<const R: usize>(w: *const u8, rb: usize, x: &[f32], out: &mut [f32; R]) {
+    unsafe fn q8_0_f32(w: *const u8, rb: usize, x: &[f32]) -> f32 {
         let nb = rb / 34;
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..nb {
             let xp = x.as_ptr().add(32 * b);
-            let xv = [
-                _mm256_loadu_ps(xp),
-                _mm256_loadu_ps(xp.add(8)),
-                _mm256_loadu_ps(xp.add(16)),
-                _mm256_loadu_ps(xp.add(24)),
-            ];
-            for r in 0..R {
-                let blk = w.add(r * rb + 34 * b);
-                let mut t = _mm256_mul_ps(widen_i8(blk.add(2)), xv[0]);
-                t = _mm256_fmadd_ps(widen_i8(blk.add(10)), xv[1], t);
-                t = _mm256_fmadd_ps(widen_i8(blk.add(18)), xv[2], t);
-                t = _mm256_fmadd_ps(widen_i8(blk.add(26)), xv[3], t);
-                acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(f16_at(blk)), acc[r]);
-            }
+            let blk = w.add(34 * b);
+            let mut t = _mm256_mul_ps(widen_i8(blk.add(2)), _mm256_loadu_ps(xp));
+            t = _mm256_fmadd_ps(widen_i8(blk.add(10)), _mm256_loadu_ps(xp.add(8)), t);
+            t = _mm256_fmadd_ps(widen_i8(blk.add(18)), _mm256_loadu_ps(xp.add(16)), t);
+            t = _mm256_fmadd_ps(widen_i8(blk.add(26)), _mm256_loadu_ps(xp.add(24)), t);
+            acc[b & 1] = _mm256_fmadd_ps(t, _mm256_set1_ps(f16_at(blk)), acc[b & 1]);
         }
-        for r in 0..R {
-            out[r] = hsum(acc[r]);
-        }
+        hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 }
 

@@ -463,8 +463,6 @@ fn f32_len_check(len: usize, found: usize) -> Result<(), QuantError> {
     Ok(())
 }
 
-/// Rows per row tile of the multi-row kernels; chunks are multiples of it.
-const ROW_TILE: usize = 4;
 /// Weight bytes per chunk when several tokens reuse it: well inside L2 (1 MiB on
 /// the target) so the chunk is read from DRAM once and from L2 n_tokens - 1 times.
 const TOKEN_TILE_BYTES: usize = 256 << 10;
@@ -525,7 +523,7 @@ pub fn matmul_with(
     if n_tokens == 1 {
         // A few large tasks per thread: enough to even out a slow thread, few enough
         // that each task streams a long run of consecutive rows.
-        let chunk = round_up(rows.div_ceil(threads * 4), ROW_TILE).min(rows);
+        let chunk = rows.div_ceil(threads * 4);
         let act = &acts[0];
         y.par_chunks_mut(chunk)
             .zip(weights.par_chunks(chunk * rb))
@@ -538,7 +536,7 @@ pub fn matmul_with(
     // task owns one contiguous slice; they are scattered into y afterwards.
     let by_cache = (TOKEN_TILE_BYTES / rb).max(1);
     let by_threads = rows.div_ceil(threads * 2);
-    let chunk = round_up(by_cache.min(by_threads).max(1), ROW_TILE).min(rows);
+    let chunk = by_cache.min(by_threads).max(1);
     let mut tmp = vec![0f32; yl];
     tmp.par_chunks_mut(chunk * n_tokens)
         .zip(weights.par_chunks(chunk * rb))
@@ -556,8 +554,4 @@ pub fn matmul_with(
         }
     }
     Ok(())
-}
-
-fn round_up(x: usize, m: usize) -> usize {
-    x.div_ceil(m) * m
 }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use graft_runtime::chat::ChatMessage;
 use graft_runtime::generate::{generate, GenerateParams};
+use graft_runtime::kv_cache::KvType;
 use graft_runtime::sampling::SamplingParams;
 
 use crate::common::{init_threads, load_model, load_tokenizer, ModelArgs};
@@ -54,6 +55,9 @@ pub struct RunArgs {
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// KV cache element type: f16 (as llama.cpp) or f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    pub kv_type: String,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -93,7 +97,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         },
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
-        ..GenerateParams::default()
+        kv_type: if args.kv_type == "f32" {
+            KvType::F32
+        } else {
+            KvType::F16
+        },
     };
     let mut stdout = std::io::stdout().lock();
     let out = generate(&model, &tokenizer, &prompt, &params, |piece| {

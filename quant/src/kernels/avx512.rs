@@ -20,7 +20,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{f16_at, hsum_ps};
-use super::{Activations, Prep, RowsFn};
+use super::{Activations, AlignedI8, Prep, RowsFn};
 use crate::blocks::*;
 use crate::kernels::scalar::k4_scales_mins;
 use crate::{GgmlType, QK, QK_K};
@@ -77,7 +77,7 @@ fn prepare_into(t: GgmlType, a: &Activations, p: &mut Prep) {
         return;
     }
     p.for_ty = Some(t);
-    p.y.resize(groups * 4 * QK, 0);
+    p.y = AlignedI8::zeroed(groups * 4 * QK);
     // SAFETY: only reachable from this module's kernels or from quantize_activations
     // at a detected Level::Avx512; the buffer was sized for `groups` just above.
     unsafe { prepare_q4_0(a, p, groups) }

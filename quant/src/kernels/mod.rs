@@ -20,20 +20,26 @@
 //! `GRAFT_KERNEL=scalar|avx2|avx512` caps the level (benches and tests); a level the
 //! CPU lacks falls back to the best one it has.
 //!
-//! ## Why 8-bit activations (measured; see BENCHMARKS.md, "Kernels")
-//! Matvec on decode-sized shapes is bound by the weight stream; the activations
-//! are a few KiB and stay in L1/L2. Keeping activations in f32 means widening every
-//! weight to f32 and one FMA per weight (4 f32 lanes per weight byte for Q4_0),
-//! whereas 8-bit activations take one `vpmaddubsw`/`vpdpbusd` per 32-64 weights.
-//! Measured on the AMD EPYC (Zen 4) dev box, Q4_0 2048x8192, 1 thread, hot in cache:
-//! int8 path (AVX2) ~2.3x the GB/s of an f32-activation AVX2 kernel, and only the int8
-//! path keeps up with DRAM at 1 thread. The cost is the activation rounding error
-//! (relative error ~ 1/254 per element, averaging out over a row), which is
-//! what llama.cpp ships with. So activations are quantized like ggml does.
+//! ## Why 8-bit activations (measured; BENCHMARKS.md, "Kernels")
+//! Keeping activations in f32 avoids their rounding error but means widening every
+//! weight to f32 and one FMA lane per weight, where 8-bit activations take one
+//! `vpmaddubsw` (AVX2) or `vpdpbusd` (VNNI) per 32-64 weights. Measured on the AMD
+//! EPYC (Zen 4) dev box, 2048x8192, 1 thread, both paths AVX2 and one row at a time
+//! (`act_format` bench): Q4_0 8.3 vs 5.7 GB/s hot and 8.4 vs 5.5 GB/s streamed from
+//! DRAM; Q8_0 16.1 vs 9.9 hot and 16.2 vs 8.3 streamed: int8 is 1.5-2x faster in
+//! both regimes (one core cannot keep up with DRAM, ~19 GB/s, with either at the AVX2
+//! level; the VNNI int8 kernels reach 19 GB/s hot for Q4_0, 27 for Q8_0). The price is the activation rounding (|error| <= d/2 per element, d =
+//! amax/127 per 32 or 256 values), the same as llama.cpp; `tests.rs` bounds vec_dot
+//! against the f32 dot by exactly that error. So activations are quantized like ggml.
 //!
-//! The activation buffers also carry SIMD-friendly side data derived once per call
-//! (f32 block scales, contiguous quants, per-block sums) so the per-row inner loops
-//! do not re-decode them for every weight row.
+//! ## One row at a time
+//! Every kernel walks one weight row per pass, so each thread reads one sequential
+//! stream. 4-row (and 2-row) tiles that share activation loads were faster in cache
+//! but streamed from DRAM at about half the rate on the target (Q8_0 2048x8192,
+//! 1 thread: ~12 vs ~21 GB/s; software prefetch did not help), and extra per-call
+//! activation arrays read alongside the weights hurt the same way. Activation-side
+//! work is therefore recomputed in registers per row, except Q4_0's AVX-512 nibble
+//! ordering, which replaces the activation quants rather than adding a stream.
 
 use std::sync::OnceLock;
 
@@ -205,8 +211,8 @@ pub struct Activations {
     pub(crate) q8_0: Vec<BlockQ8_0>,
     pub(crate) q8_1: Vec<BlockQ8_1>,
     pub(crate) q8_k: Vec<BlockQ8_K>,
-    /// Q8_0/Q8_1: all quants, contiguous (n bytes).
-    pub(crate) qs: Vec<i8>,
+    /// Q8_0/Q8_1: all quants, contiguous (n bytes), cache-line aligned.
+    pub(crate) qs: AlignedI8,
     /// Q8_0/Q8_1: per 32-block scale d as f32.
     pub(crate) d: Vec<f32>,
     /// Q8_1: per 32-block `s` (d * sum of quants, as stored) as f32.
@@ -224,7 +230,54 @@ pub(crate) struct Prep {
     /// The weight type these were prepared for.
     pub(crate) for_ty: Option<GgmlType>,
     /// Permuted activation quants.
-    pub(crate) y: Vec<i8>,
+    pub(crate) y: AlignedI8,
+}
+
+/// One cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([i8; 64]);
+
+/// An i8 buffer starting on a cache line: the kernels load activations 64 bytes at a
+/// time, and from a plain `Vec<i8>` (16-byte aligned) every such load splits across
+/// two lines. (No measurable difference on the Zen 4 target; split loads cost more
+/// on other cores, and this costs nothing.)
+#[derive(Clone, Default)]
+pub(crate) struct AlignedI8 {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedI8 {
+    pub(crate) fn zeroed(len: usize) -> Self {
+        AlignedI8 {
+            lines: vec![Line([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    pub(crate) fn as_ptr(&self) -> *const i8 {
+        self.lines.as_ptr() as *const i8
+    }
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut i8 {
+        self.lines.as_mut_ptr() as *mut i8
+    }
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [i8] {
+        let len = self.len;
+        &mut bytemuck::cast_slice_mut::<Line, i8>(&mut self.lines)[..len]
+    }
+}
+
+// SAFETY (bytemuck): Line is 64 plain i8 with no padding (size 64 = align 64).
+unsafe impl bytemuck::Zeroable for Line {}
+unsafe impl bytemuck::Pod for Line {}
+
+impl std::fmt::Debug for AlignedI8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedI8({} bytes)", self.len)
+    }
 }
 
 impl Activations {
@@ -259,13 +312,13 @@ impl Activations {
         let mut a = Activations {
             ty: Some(GgmlType::Q8_0),
             n,
-            qs: Vec::with_capacity(n),
+            qs: AlignedI8::zeroed(n),
             d: Vec::with_capacity(blocks.len()),
             sum: Vec::with_capacity(blocks.len()),
             ..Default::default()
         };
-        for b in &blocks {
-            a.qs.extend_from_slice(&b.qs);
+        for (b, q) in blocks.iter().zip(a.qs.as_mut_slice().chunks_exact_mut(QK)) {
+            q.copy_from_slice(&b.qs);
             a.d.push(f16_to_f32(b.d));
             a.sum.push(b.qs.iter().map(|&q| q as i32).sum());
         }
@@ -279,13 +332,13 @@ impl Activations {
         let mut a = Activations {
             ty: Some(GgmlType::Q8_1),
             n,
-            qs: Vec::with_capacity(n),
+            qs: AlignedI8::zeroed(n),
             d: Vec::with_capacity(blocks.len()),
             s: Vec::with_capacity(blocks.len()),
             ..Default::default()
         };
-        for b in &blocks {
-            a.qs.extend_from_slice(&b.qs);
+        for (b, q) in blocks.iter().zip(a.qs.as_mut_slice().chunks_exact_mut(QK)) {
+            q.copy_from_slice(&b.qs);
             a.d.push(f16_to_f32(b.d));
             a.s.push(f16_to_f32(b.s));
         }

@@ -580,25 +580,67 @@ unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
 // `kquants` (tested byte for byte): activation quantization runs once per matvec on
 // one thread, so at 2 threads its serial time matters.
 
-/// Q8_0 blocks of `x` (`x.len() == dst.len() * 32`), as `legacy::quantize_q8_0`.
-pub(super) fn quantize_q8_0(x: &[f32], dst: &mut [BlockQ8_0]) {
-    assert_eq!(x.len(), dst.len() * QK);
-    for (xb, y) in x.chunks_exact(QK).zip(dst.iter_mut()) {
-        // SAFETY: only called at a detected Level::Avx2 or above; 32 floats and 32 bytes.
-        let (d, _) = unsafe { q8_block(xb.as_ptr(), y.qs.as_mut_ptr()) };
-        y.d = f32_to_f16(d);
+/// Q8_0 (`q8_1 == false`) or Q8_1 activations of `x` (a whole number of blocks),
+/// byte-identical to `legacy::quantize_q8_0`/`quantize_q8_1`, with the SIMD-side
+/// arrays (contiguous quants, f32 scales, sums) filled in the same pass.
+pub(super) fn activations_q8(x: &[f32], q8_1: bool) -> Activations {
+    let nb = x.len() / QK;
+    assert_eq!(x.len(), nb * QK);
+    let mut a = Activations {
+        ty: Some(if q8_1 { GgmlType::Q8_1 } else { GgmlType::Q8_0 }),
+        n: x.len(),
+        qs: super::AlignedI8::zeroed(x.len()),
+        d: Vec::with_capacity(nb),
+        ..Default::default()
+    };
+    if q8_1 {
+        a.q8_1 = vec![BlockQ8_1::default(); nb];
+        a.s = Vec::with_capacity(nb);
+    } else {
+        a.q8_0 = vec![BlockQ8_0::default(); nb];
+        a.sum = Vec::with_capacity(nb);
     }
+    let planar = a.qs.as_mut_ptr();
+    for (b, xb) in x.chunks_exact(QK).enumerate() {
+        // SAFETY: only called at a detected Level::Avx2 or above; 32 floats in, 32
+        // bytes out at offset 32 * b < x.len() of the planar buffer.
+        let (sum, dh, dr, sh, sr) = unsafe {
+            let (d, sum) = q8_block(xb.as_ptr(), planar.add(QK * b));
+            let (dh, dr) = to_f16(d);
+            let (sh, sr) = if q8_1 {
+                to_f16(sum as f32 * d)
+            } else {
+                (0, 0.0)
+            };
+            (sum, dh, dr, sh, sr)
+        };
+        let qs = &a.qs.as_mut_slice()[QK * b..QK * b + QK];
+        if q8_1 {
+            let y = &mut a.q8_1[b];
+            y.qs.copy_from_slice(qs);
+            y.d = dh.to_le_bytes();
+            y.s = sh.to_le_bytes();
+            a.s.push(sr);
+        } else {
+            let y = &mut a.q8_0[b];
+            y.qs.copy_from_slice(qs);
+            y.d = dh.to_le_bytes();
+            a.sum.push(sum);
+        }
+        a.d.push(dr);
+    }
+    a
 }
 
-/// Q8_1 blocks of `x`, as `legacy::quantize_q8_1`.
-pub(super) fn quantize_q8_1(x: &[f32], dst: &mut [BlockQ8_1]) {
-    assert_eq!(x.len(), dst.len() * QK);
-    for (xb, y) in x.chunks_exact(QK).zip(dst.iter_mut()) {
-        // SAFETY: as above.
-        let (d, sum) = unsafe { q8_block(xb.as_ptr(), y.qs.as_mut_ptr()) };
-        y.d = f32_to_f16(d);
-        y.s = f32_to_f16(sum as f32 * d);
-    }
+/// f32 -> f16 bits (round to nearest even, as `blocks::f32_to_f16`) and back to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn to_f16(v: f32) -> (u16, f32) {
+    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
+    (
+        _mm_extract_epi16::<0>(h) as u16,
+        _mm_cvtss_f32(_mm_cvtph_ps(h)),
+    )
 }
 
 /// Q8_K blocks of `x`, as `kquants::quantize_q8_k`.

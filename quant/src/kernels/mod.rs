@@ -264,6 +264,10 @@ impl AlignedI8 {
     pub(crate) fn as_mut_ptr(&mut self) -> *mut i8 {
         self.lines.as_mut_ptr() as *mut i8
     }
+    #[cfg(test)]
+    pub(crate) fn as_slice(&self) -> &[i8] {
+        &bytemuck::cast_slice::<Line, i8>(&self.lines)[..self.len]
+    }
     pub(crate) fn as_mut_slice(&mut self) -> &mut [i8] {
         let len = self.len;
         &mut bytemuck::cast_slice_mut::<Line, i8>(&mut self.lines)[..len]
@@ -395,26 +399,16 @@ pub fn quantize_activations_with(
         false
     };
     let mut act = match at {
+        #[cfg(target_arch = "x86_64")]
+        GgmlType::Q8_0 | GgmlType::Q8_1 if simd => avx2::activations_q8(x, at == GgmlType::Q8_1),
         GgmlType::Q8_0 => {
             let mut b = vec![BlockQ8_0::default(); x.len() / QK];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                avx2::quantize_q8_0(x, &mut b);
-            }
-            if !simd {
-                crate::legacy::quantize_q8_0(x, &mut b);
-            }
+            crate::legacy::quantize_q8_0(x, &mut b);
             Activations::from_q8_0(b)
         }
         GgmlType::Q8_1 => {
             let mut b = vec![BlockQ8_1::default(); x.len() / QK];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                avx2::quantize_q8_1(x, &mut b);
-            }
-            if !simd {
-                crate::legacy::quantize_q8_1(x, &mut b);
-            }
+            crate::legacy::quantize_q8_1(x, &mut b);
             Activations::from_q8_1(b)
         }
         GgmlType::Q8_K => {

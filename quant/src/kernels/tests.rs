@@ -450,6 +450,11 @@ fn activation_quantizers_are_bit_exact_at_every_level() {
             for &lvl in available_levels() {
                 let got = quantize_activations_with(lvl, t, x).unwrap();
                 assert_eq!(got.as_bytes(), want.as_bytes(), "{t} {lvl:?}");
+                // and the kernels' side arrays, whichever path filled them
+                assert_eq!(got.qs.as_slice(), want.qs.as_slice(), "{t} {lvl:?} qs");
+                assert_eq!(got.d, want.d, "{t} {lvl:?} d");
+                assert_eq!(got.s, want.s, "{t} {lvl:?} s");
+                assert_eq!(got.sum, want.sum, "{t} {lvl:?} sum");
             }
         }
     }

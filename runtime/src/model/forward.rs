@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use graft_quant::kernels;
 use rayon::prelude::*;
 
-use super::{Model, ModelError, RopeScaling, RopeStyle, Weight};
+use super::{simd, Model, ModelError, RopeScaling, RopeStyle, Weight};
 use crate::kv_cache::{KvCache, SeqId};
 
 /// One token of a batch.
@@ -302,7 +302,7 @@ impl Model {
                         let mut max = f32::NEG_INFINITY;
                         for (p, sc) in scores.iter_mut().enumerate() {
                             let kr = &kh[p * hd..(p + 1) * hd];
-                            let dot: f32 = qh.iter().zip(kr).map(|(a, b)| a * b).sum();
+                            let dot = simd::dot(qh, kr);
                             *sc = dot * scale;
                             max = max.max(*sc);
                         }
@@ -315,10 +315,7 @@ impl Model {
                         o.fill(0.0);
                         for (p, &w) in scores.iter().enumerate() {
                             let vr = &vh[p * hd..(p + 1) * hd];
-                            let w = w * inv;
-                            for (a, &b) in o.iter_mut().zip(vr) {
-                                *a += w * b;
-                            }
+                            simd::axpy(o, w * inv, vr);
                         }
                     }
                 });

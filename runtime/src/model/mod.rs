@@ -3,6 +3,7 @@
 
 mod config;
 mod forward;
+mod simd;
 mod llama2c;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopeScaling, RopeStyle};

@@ -20,7 +20,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{f16_at, hsum_ps};
-use super::{Activations, AlignedI8, Prep, RowsFn};
+use super::{Activations, AlignedI8, Prep, RowsFn, TokensFn};
 use crate::blocks::*;
 use crate::kernels::scalar::k4_scales_mins;
 use crate::{GgmlType, QK, QK_K};
@@ -37,6 +37,113 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
         GgmlType::Q6_K => rows_q6_k,
         _ => return None,
     })
+}
+
+pub(super) fn tokens_fn(w: GgmlType) -> Option<TokensFn> {
+    Some(match w {
+        GgmlType::Q4_0 => toks_q4_0,
+        GgmlType::Q8_0 => toks_q8_0,
+        _ => return None,
+    })
+}
+
+/// Tokens per pass of the multi-token kernels: each decoded weight block (quants
+/// permuted and unbiased, f16 scales widened) is dotted with this many tokens.
+const NT: usize = 4;
+
+/// [`check`] for every token of a multi-token call; returns (rows, blocks per row).
+fn check_tokens(
+    t: GgmlType,
+    w: &[u8],
+    rb: usize,
+    acts: &[Activations],
+    out: &[f32],
+) -> (usize, usize) {
+    assert!(
+        !acts.is_empty() && out.len() % acts.len() == 0,
+        "kernel invariant violated for {t}"
+    );
+    let rows = out.len() / acts.len();
+    let mut nb = 0;
+    for a in acts {
+        nb = check(t, w, rb, a, &out[..rows]);
+    }
+    (rows, nb)
+}
+
+/// Per-token pointers for one tile of up to [`NT`] tokens (unused slots repeat the
+/// last token; the kernels read only the first `tile.len()`).
+fn tile_ptrs<const K: usize>(
+    tile: &[Activations],
+    f: impl Fn(&Activations) -> *const u8,
+) -> [*const u8; K] {
+    std::array::from_fn(|i| f(&tile[i.min(tile.len() - 1)]))
+}
+
+/// Runs `k::<N>` for every row and every tile of tokens, N = tile size (1..=NT),
+/// storing token-major.
+macro_rules! tokens_driver {
+    ($w:expr, $rb:expr, $acts:expr, $out:expr, $rows:expr, $nb:expr, $k:ident, |$tile:ident| $ptrs:expr) => {{
+        for (ti, $tile) in $acts.chunks(NT).enumerate() {
+            let ptrs = $ptrs;
+            for (r, row) in $w.chunks_exact($rb).enumerate() {
+                let mut res = [0f32; NT];
+                // SAFETY: tokens_fn hands these kernels out only at Level::Avx512
+                // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); every
+                // activation was checked against the row size above, and the
+                // kernel reads only the first N pointers of each array.
+                unsafe {
+                    match $tile.len() {
+                        4 => $k::<4>(row.as_ptr(), $nb, &ptrs, &mut res),
+                        3 => $k::<3>(row.as_ptr(), $nb, &ptrs, &mut res),
+                        2 => $k::<2>(row.as_ptr(), $nb, &ptrs, &mut res),
+                        _ => $k::<1>(row.as_ptr(), $nb, &ptrs, &mut res),
+                    }
+                }
+                for (i, v) in res[..$tile.len()].iter().enumerate() {
+                    $out[(ti * NT + i) * $rows + r] = *v;
+                }
+            }
+        }
+    }};
+}
+
+/// Pointers a multi-token Q8_0 kernel reads per token: quants, f32 scales.
+type Q8Ptrs = ([*const u8; NT], [*const u8; NT]);
+/// Q4_0 adds the nibble-ordered prepared quants.
+type Q4Ptrs = ([*const u8; NT], [*const u8; NT], [*const u8; NT]);
+
+fn toks_q8_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+    let (rows, nb) = check_tokens(GgmlType::Q8_0, w, rb, acts, out);
+    tokens_driver!(w, rb, acts, out, rows, nb, k_q8_0_n, |tile| {
+        let p: Q8Ptrs = (
+            tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
+            tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
+        );
+        p
+    });
+}
+
+fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+    let (rows, nb) = check_tokens(GgmlType::Q4_0, w, rb, acts, out);
+    let prepared = acts
+        .iter()
+        .all(|a| a.prep.for_ty == Some(GgmlType::Q4_0) && a.prep.y.len() >= nb / 4 * 4 * QK);
+    if !prepared {
+        // activations built by hand: one token at a time (prepares its own terms)
+        for (a, o) in acts.iter().zip(out.chunks_mut(rows)) {
+            rows_q4_0(w, rb, a, o);
+        }
+        return;
+    }
+    tokens_driver!(w, rb, acts, out, rows, nb, k_q4_0_n, |tile| {
+        let p: Q4Ptrs = (
+            tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
+            tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
+            tile_ptrs(tile, |a| a.prep.y.as_ptr() as *const u8),
+        );
+        p
+    });
 }
 
 /// Same invariant check as the AVX2 level, plus the prepared terms for Q4_0/Q8_0.
@@ -384,6 +491,127 @@ unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
         tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail);
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum_ps(tail)
+}
+
+/// [`k_q8_0`] for N tokens at once: each 4-block group is loaded, permuted,
+/// unbiased and its scales widened once, then dotted with every token. Per token
+/// the operations and their order are exactly `k_q8_0`'s (same results, bit for bit).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q8_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q8Ptrs, res: &mut [f32; NT]) {
+    let bias = _mm512_set1_epi8(-128);
+    let zero = _mm512_setzero_si512();
+    let (i01, i23, didx) = (ld_w16(&Q8_0_QS01), ld_w16(&Q8_0_QS23), ld_w16(&Q8_0_D));
+    let (by01, by23) = (ld_d16(&BY8_01), ld_d16(&BY8_23));
+    let ys: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
+    let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
+    let mut acc0 = [_mm512_setzero_ps(); N];
+    let mut acc1 = [_mm512_setzero_ps(); N];
+    let groups = nb / 4;
+    for g in 0..groups {
+        let p = w.add(136 * g);
+        let v0 = _mm512_loadu_si512(p as *const _);
+        let v1 = _mm512_loadu_si512(p.add(64) as *const _);
+        let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
+        let q01 = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
+        let q23 = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
+        let dd = _mm512_permutex2var_epi16(v0, didx, v1);
+        let dw01 = _mm512_cvtph_ps(_mm512_castsi512_si256(dd));
+        let dw23 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd));
+        for t in 0..N {
+            let y01 = _mm512_loadu_si512(ys[t].add(128 * g) as *const _);
+            let y23 = _mm512_loadu_si512(ys[t].add(128 * g + 64) as *const _);
+            let neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y01));
+            let neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y23));
+            let s01 = _mm512_dpbusd_epi32(neg01, q01, y01);
+            let s23 = _mm512_dpbusd_epi32(neg23, q23, y23);
+            let d4 = _mm512_castps128_ps512(_mm_loadu_ps(ds[t].add(4 * g)));
+            let d01 = _mm512_mul_ps(dw01, _mm512_permutexvar_ps(by01, d4));
+            let d23 = _mm512_mul_ps(dw23, _mm512_permutexvar_ps(by23, d4));
+            acc0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc0[t]);
+            acc1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc1[t]);
+        }
+    }
+    let bias_y = _mm256_set1_epi8(-128);
+    let mut tail = [_mm256_setzero_ps(); N];
+    for b in 4 * groups..nb {
+        let p = w.add(34 * b);
+        let q = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
+        let dw = f16_at(p);
+        for t in 0..N {
+            let y = _mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i);
+            let neg = _mm256_sub_epi32(
+                _mm256_setzero_si256(),
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias_y, y),
+            );
+            let s = _mm256_dpbusd_epi32(neg, q, y);
+            let d = _mm256_set1_ps(dw * *ds[t].add(b));
+            tail[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[t]);
+        }
+    }
+    for t in 0..N {
+        res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])) + hsum_ps(tail[t]);
+    }
+}
+
+/// [`k_q4_0`] for N tokens at once (nibbles unpacked and scales widened once per
+/// group); per token exactly `k_q4_0`'s operations in its order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q4_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q4Ptrs, res: &mut [f32; NT]) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let eight = _mm512_set1_epi8(8);
+    let zero = _mm512_setzero_si512();
+    let (qidx, didx, by4) = (ld_w16(&Q4_0_QS), ld_w16(&Q4_0_D), ld_d16(&BY4));
+    let qs: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
+    let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
+    let ys: [*const i8; N] = std::array::from_fn(|t| pt.2[t] as *const i8);
+    let mut acc = [[_mm512_setzero_ps(); 2]; N];
+    let groups = nb / 4;
+    for g in 0..groups {
+        let p = w.add(72 * g);
+        let lo_bytes = _mm512_loadu_si512(p as *const _);
+        let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
+        let q = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
+        let lo = _mm512_and_si512(q, m4);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
+            didx, lo_bytes,
+        )));
+        for t in 0..N {
+            let ylo = _mm512_loadu_si512(ys[t].add(128 * g) as *const _);
+            let yhi = _mm512_loadu_si512(ys[t].add(128 * g + 64) as *const _);
+            let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi);
+            let neg = _mm512_sub_epi32(zero, c);
+            let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
+            let d4 = _mm512_castps128_ps512(_mm_loadu_ps(ds[t].add(4 * g)));
+            let d = _mm512_mul_ps(dw, _mm512_permutexvar_ps(by4, d4));
+            acc[t][g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t][g & 1]);
+        }
+    }
+    let mut tail = [_mm256_setzero_ps(); N];
+    for b in 4 * groups..nb {
+        let p = w.add(18 * b);
+        let q = _mm_loadu_si128(p.add(2) as *const __m128i);
+        let q = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
+            _mm256_set1_epi8(0x0F),
+        );
+        let dw = f16_at(p);
+        for t in 0..N {
+            let y = _mm256_loadu_si256(qs[t].add(QK * b) as *const __m256i);
+            let neg = _mm256_sub_epi32(
+                _mm256_setzero_si256(),
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
+            );
+            let s = _mm256_dpbusd_epi32(neg, q, y);
+            let d = _mm256_set1_ps(dw * *ds[t].add(b));
+            tail[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[t]);
+        }
+    }
+    for t in 0..N {
+        res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) + hsum_ps(tail[t]);
+    }
 }
 
 // ---- k-quants --------------------------------------------------------------------------

@@ -144,6 +144,24 @@ pub fn level() -> Level {
 /// `w.len() == out.len() * row_bytes` and `row_bytes == ty.row_size(act.len())`.
 pub(crate) type RowsFn = fn(w: &[u8], row_bytes: usize, act: &Activations, out: &mut [f32]);
 
+/// Dots `out.len() / acts.len()` consecutive weight rows with every token in
+/// `acts`, reusing each decoded weight block for several tokens. `out` is
+/// token-major (`out[t * rows + r]`). Callers guarantee `acts` is non-empty,
+/// `out.len() == acts.len() * rows`, `w.len() == rows * row_bytes`, and every
+/// activation matches `row_bytes` as for [`RowsFn`]. Results equal [`RowsFn`]'s
+/// bit for bit.
+pub(crate) type TokensFn = fn(w: &[u8], row_bytes: usize, acts: &[Activations], out: &mut [f32]);
+
+/// The multi-token kernel for `w` at `lvl`, if that level has one.
+fn tokens_fn(lvl: Level, w: GgmlType) -> Option<TokensFn> {
+    #[cfg(target_arch = "x86_64")]
+    if lvl >= Level::Avx512 && lvl.is_available() {
+        return avx512::tokens_fn(w);
+    }
+    let _ = (lvl, w);
+    None
+}
+
 /// The kernel for `w` at `lvl`, falling back to the next lower level that has one.
 fn rows_fn(lvl: Level, w: GgmlType) -> Result<RowsFn, QuantError> {
     if !lvl.is_available() {
@@ -584,11 +602,16 @@ pub fn matmul_with(
     let by_cache = (TOKEN_TILE_BYTES / rb).max(1);
     let by_threads = rows.div_ceil(threads * 2);
     let chunk = by_cache.min(by_threads).max(1);
+    let multi = tokens_fn(lvl, w);
     let mut tmp = vec![0f32; yl];
     tmp.par_chunks_mut(chunk * n_tokens)
         .zip(weights.par_chunks(chunk * rb))
         .for_each(|(tc, wc)| {
             let cr = wc.len() / rb;
+            if let Some(m) = multi {
+                m(wc, rb, &acts, tc);
+                return;
+            }
             for (act, out) in acts.iter().zip(tc.chunks_mut(cr)) {
                 f(wc, rb, act, out);
             }

@@ -459,3 +459,72 @@ fn activation_quantizers_are_bit_exact_at_every_level() {
         }
     }
 }
+
+/// The multi-token kernels (matmul with n_tokens > 1) against the single-token row
+/// kernel of the same level, per (row, token): equal bit for bit (so within any
+/// relative tolerance, and the integer sums are identical), for token counts that
+/// do and do not fill the token tile and odd row counts, with random and unit
+/// scales, and called directly with activations built by hand (no prepared terms).
+#[test]
+fn multi_token_kernels_match_single_token() {
+    let mut rng = StdRng::seed_from_u64(0x70c5);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for &lvl in available_levels() {
+        for t in WEIGHT_TYPES {
+            let Some(multi) = tokens_fn(lvl, t) else {
+                continue;
+            };
+            let single = rows_fn(lvl, t).unwrap();
+            for (rows, cols) in [(1usize, QK_K), (7, 3 * QK_K), (13, 2 * QK_K + 3 * QK)] {
+                let Ok(rb) = t.row_size(cols) else { continue };
+                for sc in [Scales::Random, Scales::Unit] {
+                    let w = random_weights(&mut rng, t, rows, cols, sc);
+                    for n_tokens in [2usize, 3, 4, 5, 8, 13] {
+                        let x: Vec<f32> = (0..n_tokens * cols)
+                            .map(|_| rng.gen_range(-1f32..1.0))
+                            .collect();
+                        let acts: Vec<Activations> = x
+                            .chunks(cols)
+                            .map(|xt| quantize_activations_with(lvl, t, xt).unwrap())
+                            .collect();
+                        let mut want = vec![0f32; n_tokens * rows];
+                        for (a, o) in acts.iter().zip(want.chunks_mut(rows)) {
+                            single(&w, rb, a, o);
+                        }
+                        let mut got = vec![f32::NAN; n_tokens * rows];
+                        multi(&w, rb, &acts, &mut got);
+                        assert_eq!(got, want, "{t} {lvl:?} {rows}x{cols} tokens {n_tokens}");
+                        // hand-built activations (no prepared terms)
+                        let hand: Vec<Activations> = (0..n_tokens)
+                            .map(|_| random_acts(&mut rng, t, cols, sc, false))
+                            .collect();
+                        for (a, o) in hand.iter().zip(want.chunks_mut(rows)) {
+                            single(&w, rb, a, o);
+                        }
+                        multi(&w, rb, &hand, &mut got);
+                        assert_eq!(got, want, "{t} {lvl:?} hand-built, tokens {n_tokens}");
+                        // through matmul (row chunks split across threads)
+                        let mut y = vec![f32::NAN; n_tokens * rows];
+                        pool.install(|| matmul_with(lvl, t, &w, rows, cols, &x, n_tokens, &mut y))
+                            .unwrap();
+                        for tk in 0..n_tokens {
+                            for r in 0..rows {
+                                let a = &acts[tk];
+                                let want =
+                                    vec_dot_with(lvl, t, &w[r * rb..(r + 1) * rb], a).unwrap();
+                                let g = y[tk * rows + r];
+                                assert!(
+                                    g == want || (g - want).abs() <= 1e-6 * want.abs(),
+                                    "{t} {lvl:?} matmul token {tk} row {r}: {g} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use graft_runtime::kv_cache::{KvCache, KvType};
-use graft_runtime::model::{BatchToken, Model, Scratch};
+use graft_runtime::kv_cache::KvType;
+use graft_runtime::model::{sequence_batch, BatchToken, Model, Scratch};
 use serde_json::json;
 
 use crate::common::{init_threads, load_model, ModelArgs};
@@ -41,26 +41,15 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 fn prompt_run(model: &Model, tokens: &[u32], scratch: &mut Scratch) -> Result<f64> {
-    let c = &model.config;
-    let mut cache = KvCache::for_context(c.n_layer, c.kv_dim(), tokens.len(), KvType::F16);
-    let batch: Vec<BatchToken> = tokens
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchToken {
-            token,
-            pos,
-            seq: 0,
-            logits: pos + 1 == tokens.len(),
-        })
-        .collect();
+    let mut cache = model.new_cache(tokens.len(), KvType::F16);
+    let batch = sequence_batch(tokens, 0, 0, false);
     let start = Instant::now();
     model.forward_with(&batch, &mut cache, scratch)?;
     Ok(start.elapsed().as_secs_f64())
 }
 
 fn generation_run(model: &Model, tokens: &[u32], scratch: &mut Scratch) -> Result<f64> {
-    let c = &model.config;
-    let mut cache = KvCache::for_context(c.n_layer, c.kv_dim(), tokens.len(), KvType::F16);
+    let mut cache = model.new_cache(tokens.len(), KvType::F16);
     let start = Instant::now();
     for (pos, &token) in tokens.iter().enumerate() {
         model.forward_with(

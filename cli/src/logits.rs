@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use graft_runtime::kv_cache::{KvCache, KvType};
-use graft_runtime::model::BatchToken;
+use graft_runtime::kv_cache::KvType;
+use graft_runtime::model::sequence_batch;
 
 use crate::common::{init_threads, load_model, ModelArgs};
 
@@ -47,18 +47,8 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         return Err(anyhow!("no tokens to evaluate"));
     }
     let c = &model.config;
-    let mut cache = KvCache::for_context(c.n_layer, c.kv_dim(), tokens.len(), KvType::F16);
-    let batch: Vec<BatchToken> = tokens
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchToken {
-            token,
-            pos,
-            seq: 0,
-            logits: true,
-        })
-        .collect();
-    let logits = model.forward(&batch, &mut cache)?;
+    let mut cache = model.new_cache(tokens.len(), KvType::F16);
+    let logits = model.forward(&sequence_batch(&tokens, 0, 0, true), &mut cache)?;
 
     let token_bytes: Vec<u8> = tokens
         .iter()

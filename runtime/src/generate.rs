@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use crate::kv_cache::{KvCache, KvError, KvType};
-use crate::model::{BatchToken, Model, ModelError, Scratch};
+use crate::kv_cache::{KvError, KvType};
+use crate::model::{sequence_batch, BatchToken, Model, ModelError, Scratch};
 use crate::sampling::{Sampler, SamplingError, SamplingParams, StopChecker};
 use crate::tokenizer::Tokenizer;
 
@@ -106,14 +106,8 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    let c = &model.config;
-    let mut sampler = Sampler::new(params.sampling.clone(), c.n_vocab)?;
-    let mut cache = KvCache::for_context(
-        c.n_layer,
-        c.kv_dim(),
-        prompt.len() + params.max_tokens + 1,
-        params.kv_type,
-    );
+    let mut sampler = Sampler::new(params.sampling.clone(), model.config.n_vocab)?;
+    let mut cache = model.new_cache(prompt.len() + params.max_tokens + 1, params.kv_type);
     let mut scratch = Scratch::default();
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
@@ -128,16 +122,7 @@ pub fn generate(
     for (ci, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
         let base = ci * PREFILL_CHUNK;
         let last_chunk = base + chunk.len() == prompt.len();
-        let batch: Vec<BatchToken> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, &token)| BatchToken {
-                token,
-                pos: base + i,
-                seq: 0,
-                logits: last_chunk && i + 1 == chunk.len(),
-            })
-            .collect();
+        let batch = sequence_batch(chunk, 0, base, false);
         let out = model.forward_with(&batch, &mut cache, &mut scratch)?;
         if last_chunk {
             logits = out.row(0).to_vec();

@@ -27,6 +27,26 @@ pub struct BatchToken {
 /// Tokens to run in one forward step.
 pub type Batch = [BatchToken];
 
+/// The batch for `tokens` of sequence `seq` at positions `start..`: logits for every
+/// token when `all_logits`, else for the last one only.
+pub fn sequence_batch(
+    tokens: &[u32],
+    seq: SeqId,
+    start: usize,
+    all_logits: bool,
+) -> Vec<BatchToken> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &token)| BatchToken {
+            token,
+            pos: start + i,
+            seq,
+            logits: all_logits || i + 1 == tokens.len(),
+        })
+        .collect()
+}
+
 /// Logits of the batch tokens that asked for them, in batch order.
 #[derive(Debug, Clone, Default)]
 pub struct Logits {

@@ -3,11 +3,11 @@
 
 mod config;
 mod forward;
-mod simd;
 mod llama2c;
+mod simd;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopeScaling, RopeStyle};
-pub use forward::{Batch, BatchToken, Logits, Scratch};
+pub use forward::{sequence_batch, Batch, BatchToken, Logits, Scratch};
 pub use llama2c::{
     is_llama2c_path, llama2c_to_bytes, write_llama2c, Llama2cError, Llama2cHeader, Llama2cVersion,
 };
@@ -344,6 +344,11 @@ impl Model {
             gguf: None,
             config,
         })
+    }
+
+    /// A KV cache for this model holding `n_ctx` tokens.
+    pub fn new_cache(&self, n_ctx: usize, ty: crate::kv_cache::KvType) -> crate::kv_cache::KvCache {
+        crate::kv_cache::KvCache::for_context(self.config.n_layer, self.config.kv_dim(), n_ctx, ty)
     }
 
     /// Bytes of all weights (for memory reports).

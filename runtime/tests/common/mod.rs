@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use graft_runtime::kv_cache::{KvCache, KvType};
-use graft_runtime::model::{BatchToken, Model};
+use graft_runtime::kv_cache::KvType;
+use graft_runtime::model::{sequence_batch, BatchToken, Model};
 
 pub fn conformance() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
@@ -184,44 +184,19 @@ pub fn compare_logits(
 
 /// Logits at every position of `tokens` for one fresh sequence.
 pub fn logits_all(model: &Model, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = KvCache::for_context(
-        model.config.n_layer,
-        model.config.kv_dim(),
-        tokens.len() + 1,
-        KvType::F16,
-    );
-    let batch: Vec<BatchToken> = tokens
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchToken {
-            token,
-            pos,
-            seq: 0,
-            logits: true,
-        })
-        .collect();
-    model.forward(&batch, &mut cache).unwrap().data
+    let mut cache = model.new_cache(tokens.len() + 1, KvType::F16);
+    model
+        .forward(&sequence_batch(tokens, 0, 0, true), &mut cache)
+        .unwrap()
+        .data
 }
 
 /// Greedy continuation of `n` tokens.
 pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = KvCache::for_context(
-        model.config.n_layer,
-        model.config.kv_dim(),
-        prompt.len() + n + 1,
-        KvType::F16,
-    );
-    let batch: Vec<BatchToken> = prompt
-        .iter()
-        .enumerate()
-        .map(|(pos, &token)| BatchToken {
-            token,
-            pos,
-            seq: 0,
-            logits: pos + 1 == prompt.len(),
-        })
-        .collect();
-    let mut logits = model.forward(&batch, &mut cache).unwrap();
+    let mut cache = model.new_cache(prompt.len() + n + 1, KvType::F16);
+    let mut logits = model
+        .forward(&sequence_batch(prompt, 0, 0, false), &mut cache)
+        .unwrap();
     let mut out = Vec::new();
     for pos in prompt.len()..prompt.len() + n {
         let next = argmax(logits.row(0)) as u32;

@@ -43,6 +43,9 @@ pub(super) fn tokens_fn(w: GgmlType) -> Option<TokensFn> {
     Some(match w {
         GgmlType::Q4_0 => toks_q4_0,
         GgmlType::Q8_0 => toks_q8_0,
+        GgmlType::Q4_K => toks_q4_k,
+        GgmlType::Q5_K => toks_q5_k,
+        GgmlType::Q6_K => toks_q6_k,
         _ => return None,
     })
 }
@@ -60,7 +63,7 @@ fn check_tokens(
     out: &[f32],
 ) -> (usize, usize) {
     assert!(
-        !acts.is_empty() && out.len() % acts.len() == 0,
+        !acts.is_empty() && out.len().is_multiple_of(acts.len()),
         "kernel invariant violated for {t}"
     );
     let rows = out.len() / acts.len();
@@ -145,6 +148,24 @@ fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
         p
     });
 }
+
+/// k-quant kernels read one pointer per token: its Q8_K blocks.
+type KPtrs = [*const u8; NT];
+
+macro_rules! toks_k {
+    ($name:ident, $t:expr, $k:ident) => {
+        fn $name(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+            let (rows, nb) = check_tokens($t, w, rb, acts, out);
+            tokens_driver!(w, rb, acts, out, rows, nb, $k, |tile| {
+                let p: KPtrs = tile_ptrs(tile, |a| a.q8_k.as_ptr() as *const u8);
+                p
+            });
+        }
+    };
+}
+toks_k!(toks_q4_k, GgmlType::Q4_K, k_q4_k_n);
+toks_k!(toks_q5_k, GgmlType::Q5_K, k_q5_k_n);
+toks_k!(toks_q6_k, GgmlType::Q6_K, k_q6_k_n);
 
 /// Same invariant check as the AVX2 level, plus the prepared terms for Q4_0/Q8_0.
 fn check(t: GgmlType, w: &[u8], rb: usize, a: &Activations, out: &[f32]) -> usize {
@@ -696,6 +717,160 @@ unsafe fn k4<const Q5: bool>(w: *const u8, nb: usize, a: &Activations) -> f32 {
     let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
     let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
     _mm512_reduce_add_ps(acc) - m
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q4_k_n<const N: usize>(w: *const u8, nb: usize, pt: &KPtrs, res: &mut [f32; NT]) {
+    k4_n::<N, false>(w, nb, pt, res)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q5_k_n<const N: usize>(w: *const u8, nb: usize, pt: &KPtrs, res: &mut [f32; NT]) {
+    k4_n::<N, true>(w, nb, pt, res)
+}
+
+/// [`k4`] for N tokens at once: scales/mins unpacked, quants (and Q5_K's high
+/// bits) decoded and scale permutes done once per block; per token exactly `k4`'s
+/// operations in its order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k4_n<const N: usize, const Q5: bool>(
+    w: *const u8,
+    nb: usize,
+    pt: &KPtrs,
+    res: &mut [f32; NT],
+) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let b4 = _mm512_set1_epi8(0x10);
+    let (s01_i, s23_i) = (ld_w16(&Q4_K_S01), ld_w16(&Q4_K_S23));
+    let zero = _mm512_setzero_si512();
+    let ys: [*const BlockQ8_K; N] = std::array::from_fn(|t| pt[t] as *const BlockQ8_K);
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut accm = [_mm_setzero_ps(); N];
+    for b in 0..nb {
+        let (x, qh) = if Q5 {
+            let x = &*(w.add(176 * b) as *const BlockQ5_K);
+            (x.qs.as_ptr(), x.qh.as_ptr())
+        } else {
+            let x = &*(w.add(144 * b) as *const BlockQ4_K);
+            (x.qs.as_ptr(), x.qs.as_ptr())
+        };
+        let head = &*(w.add(if Q5 { 176 } else { 144 } * b) as *const [u8; 16]);
+        let dw = f16_at(head.as_ptr());
+        let dminw = f16_at(head.as_ptr().add(2));
+        let scales: &[u8; 12] = &*(head.as_ptr().add(4) as *const [u8; 12]);
+        let (sc, m) = k4_scales_mins(scales);
+        let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
+        let sc16 = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(
+            sc.as_ptr() as *const __m128i
+        )));
+        let h = if Q5 {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(qh as *const __m256i))
+        } else {
+            zero
+        };
+        let mut q = [zero; 4];
+        for (c, qc) in q.iter_mut().enumerate() {
+            let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(x.add(32 * c) as *const __m256i));
+            let mut v = _mm512_and_si512(_mm512_mask_srli_epi16::<4>(v, 0xFFFF_0000, v), m4);
+            if Q5 {
+                let bits = _mm512_inserti64x4::<1>(
+                    _mm512_set1_epi8(1 << (2 * c)),
+                    _mm256_set1_epi8(1 << (2 * c + 1)),
+                );
+                v = _mm512_mask_add_epi8(v, _mm512_test_epi8_mask(h, bits), v, b4);
+            }
+            *qc = v;
+        }
+        let s01 = _mm512_permutexvar_epi16(s01_i, sc16);
+        let s23 = _mm512_permutexvar_epi16(s23_i, sc16);
+        for t in 0..N {
+            let y = &*ys[t].add(b);
+            let d = y.d * dw;
+            let dmin = y.d * dminw;
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+            let pairs = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bs),
+                _mm256_extracti128_si256::<1>(bs),
+            );
+            accm[t] = _mm_fmadd_ps(
+                _mm_set1_ps(dmin),
+                _mm_cvtepi32_ps(_mm_madd_epi16(mins, pairs)),
+                accm[t],
+            );
+            let mut p = [zero; 4];
+            for c in 0..4 {
+                let yv = _mm512_loadu_si512(y.qs.as_ptr().add(64 * c) as *const _);
+                p[c] = _mm512_dpbusd_epi32(zero, q[c], yv);
+            }
+            let isum = _mm512_dpwssd_epi32(zero, _mm512_packs_epi32(p[0], p[1]), s01);
+            let isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(p[2], p[3]), s23);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc[t]);
+        }
+    }
+    for t in 0..N {
+        let m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
+        let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+        res[t] = _mm512_reduce_add_ps(acc[t]) - m;
+    }
+}
+
+/// [`k_q6_k`] for N tokens at once: the 6-bit values and scale permutes are built
+/// once per block; per token exactly `k_q6_k`'s operations in its order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q6_k_n<const N: usize>(w: *const u8, nb: usize, pt: &KPtrs, res: &mut [f32; NT]) {
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m30 = _mm512_set1_epi8(0x30);
+    let s_i = [ld_w16(&Q6_K_S0), ld_w16(&Q6_K_S1)];
+    let zero = _mm512_setzero_si512();
+    let upper: __mmask32 = 0xFFFF_0000;
+    let ys: [*const BlockQ8_K; N] = std::array::from_fn(|t| pt[t] as *const BlockQ8_K);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        let x = &*(w.add(210 * b) as *const BlockQ6_K);
+        let dw = f16_at(x.d.as_ptr());
+        let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr() as *const __m128i));
+        let sc16 = _mm512_zextsi256_si512(sc);
+        let mut q = [[zero; 2]; 2];
+        let mut s = [zero; 2];
+        for n in 0..2 {
+            let l = _mm512_loadu_si512(x.ql.as_ptr().add(64 * n) as *const _);
+            let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                x.qh.as_ptr().add(32 * n) as *const __m256i
+            ));
+            let h_lo = _mm512_mask_slli_epi16::<2>(_mm512_slli_epi16::<4>(h), upper, h);
+            q[n][0] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_and_si512(h_lo, m30));
+            let h_hi = _mm512_mask_srli_epi16::<2>(h, upper, h);
+            q[n][1] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
+                _mm512_and_si512(h_hi, m30),
+            );
+            s[n] = _mm512_permutexvar_epi16(s_i[n], sc16);
+        }
+        for t in 0..N {
+            let y = &*ys[t].add(b);
+            let d = y.d * dw;
+            let corr = _mm256_slli_epi32::<5>(_mm256_madd_epi16(
+                sc,
+                _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i),
+            ));
+            let mut isum = _mm512_sub_epi32(zero, _mm512_zextsi256_si512(corr));
+            for n in 0..2 {
+                let ylo = _mm512_loadu_si512(y.qs.as_ptr().add(128 * n) as *const _);
+                let yhi = _mm512_loadu_si512(y.qs.as_ptr().add(128 * n + 64) as *const _);
+                let pa = _mm512_dpbusd_epi32(zero, q[n][0], ylo);
+                let pb = _mm512_dpbusd_epi32(zero, q[n][1], yhi);
+                isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(pa, pb), s[n]);
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc[t]);
+        }
+    }
+    for t in 0..N {
+        res[t] = _mm512_reduce_add_ps(acc[t]);
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]

@@ -118,13 +118,42 @@ type Q4Ptrs = ([*const u8; NT], [*const u8; NT], [*const u8; NT]);
 
 fn toks_q8_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
     let (rows, nb) = check_tokens(GgmlType::Q8_0, w, rb, acts, out);
-    tokens_driver!(w, rb, acts, out, rows, nb, k_q8_0_n, |tile| {
-        let p: Q8Ptrs = (
+    for (ti, tile) in acts.chunks(NT).enumerate() {
+        let pt: Q8Ptrs = (
             tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
         );
-        p
-    });
+        let mut r = 0;
+        while r < rows {
+            let nr = (rows - r).min(2);
+            let p0 = w[r * rb..].as_ptr();
+            // with one row left both pointers name it; the R = 1 kernel reads only the first
+            let rp = [p0, w[(r + nr - 1) * rb..].as_ptr()];
+            let mut res = [[0f32; NT]; 2];
+            // SAFETY: tokens_fn hands this kernel out only at Level::Avx512
+            // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); both row pointers
+            // start whole rows of `w` (r + nr <= rows) and every activation was checked
+            // against the row size above; the kernel reads only the first N tokens.
+            unsafe {
+                match (nr, tile.len()) {
+                    (2, 4) => k_q8_0_rn::<2, 4>(rp, nb, &pt, &mut res),
+                    (2, 3) => k_q8_0_rn::<2, 3>(rp, nb, &pt, &mut res),
+                    (2, 2) => k_q8_0_rn::<2, 2>(rp, nb, &pt, &mut res),
+                    (2, _) => k_q8_0_rn::<2, 1>(rp, nb, &pt, &mut res),
+                    (_, 4) => k_q8_0_rn::<1, 4>(rp, nb, &pt, &mut res),
+                    (_, 3) => k_q8_0_rn::<1, 3>(rp, nb, &pt, &mut res),
+                    (_, 2) => k_q8_0_rn::<1, 2>(rp, nb, &pt, &mut res),
+                    _ => k_q8_0_rn::<1, 1>(rp, nb, &pt, &mut res),
+                }
+            }
+            for (dr, rr) in res[..nr].iter().enumerate() {
+                for (i, v) in rr[..tile.len()].iter().enumerate() {
+                    out[(ti * NT + i) * rows + r + dr] = *v;
+                }
+            }
+            r += nr;
+        }
+    }
 }
 
 fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
@@ -514,64 +543,90 @@ unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum_ps(tail)
 }
 
-/// [`k_q8_0`] for N tokens at once: each 4-block group is loaded, permuted,
-/// unbiased and its scales widened once, then dotted with every token. Per token
-/// the operations and their order are exactly `k_q8_0`'s (same results, bit for bit).
+/// [`k_q8_0`] for R rows (1 or 2) x N tokens at once: each 4-block group is
+/// loaded, permuted, unbiased and its scales widened once and dotted with every
+/// token; each token's activation loads, -128 * sum(y) terms and replicated scales
+/// serve both rows. Per (row, token) the operations and their order are exactly
+/// `k_q8_0`'s (same results, bit for bit).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q8_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q8Ptrs, res: &mut [f32; NT]) {
+unsafe fn k_q8_0_rn<const R: usize, const N: usize>(
+    w: [*const u8; 2],
+    nb: usize,
+    pt: &Q8Ptrs,
+    res: &mut [[f32; NT]; 2],
+) {
     let bias = _mm512_set1_epi8(-128);
     let zero = _mm512_setzero_si512();
     let (i01, i23, didx) = (ld_w16(&Q8_0_QS01), ld_w16(&Q8_0_QS23), ld_w16(&Q8_0_D));
     let (by01, by23) = (ld_d16(&BY8_01), ld_d16(&BY8_23));
     let ys: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
     let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
-    let mut acc0 = [_mm512_setzero_ps(); N];
-    let mut acc1 = [_mm512_setzero_ps(); N];
+    let mut acc0 = [[_mm512_setzero_ps(); N]; R];
+    let mut acc1 = [[_mm512_setzero_ps(); N]; R];
     let groups = nb / 4;
     for g in 0..groups {
-        let p = w.add(136 * g);
-        let v0 = _mm512_loadu_si512(p as *const _);
-        let v1 = _mm512_loadu_si512(p.add(64) as *const _);
-        let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
-        let q01 = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
-        let q23 = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
-        let dd = _mm512_permutex2var_epi16(v0, didx, v1);
-        let dw01 = _mm512_cvtph_ps(_mm512_castsi512_si256(dd));
-        let dw23 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd));
+        let mut q01 = [zero; R];
+        let mut q23 = [zero; R];
+        let mut dw01 = [_mm512_setzero_ps(); R];
+        let mut dw23 = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let p = w[r].add(136 * g);
+            let v0 = _mm512_loadu_si512(p as *const _);
+            let v1 = _mm512_loadu_si512(p.add(64) as *const _);
+            let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
+            q01[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
+            q23[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
+            let dd = _mm512_permutex2var_epi16(v0, didx, v1);
+            dw01[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(dd));
+            dw23[r] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd));
+        }
         for t in 0..N {
             let y01 = _mm512_loadu_si512(ys[t].add(128 * g) as *const _);
             let y23 = _mm512_loadu_si512(ys[t].add(128 * g + 64) as *const _);
             let neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y01));
             let neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y23));
-            let s01 = _mm512_dpbusd_epi32(neg01, q01, y01);
-            let s23 = _mm512_dpbusd_epi32(neg23, q23, y23);
             let d4 = _mm512_castps128_ps512(_mm_loadu_ps(ds[t].add(4 * g)));
-            let d01 = _mm512_mul_ps(dw01, _mm512_permutexvar_ps(by01, d4));
-            let d23 = _mm512_mul_ps(dw23, _mm512_permutexvar_ps(by23, d4));
-            acc0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc0[t]);
-            acc1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc1[t]);
+            let dy01 = _mm512_permutexvar_ps(by01, d4);
+            let dy23 = _mm512_permutexvar_ps(by23, d4);
+            for r in 0..R {
+                let s01 = _mm512_dpbusd_epi32(neg01, q01[r], y01);
+                let s23 = _mm512_dpbusd_epi32(neg23, q23[r], y23);
+                let d01 = _mm512_mul_ps(dw01[r], dy01);
+                let d23 = _mm512_mul_ps(dw23[r], dy23);
+                acc0[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc0[r][t]);
+                acc1[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc1[r][t]);
+            }
         }
     }
     let bias_y = _mm256_set1_epi8(-128);
-    let mut tail = [_mm256_setzero_ps(); N];
+    let mut tail = [[_mm256_setzero_ps(); N]; R];
     for b in 4 * groups..nb {
-        let p = w.add(34 * b);
-        let q = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
-        let dw = f16_at(p);
+        let mut q = [_mm256_setzero_si256(); R];
+        let mut dw = [0f32; R];
+        for r in 0..R {
+            let p = w[r].add(34 * b);
+            q[r] = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
+            dw[r] = f16_at(p);
+        }
         for t in 0..N {
             let y = _mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i);
             let neg = _mm256_sub_epi32(
                 _mm256_setzero_si256(),
                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias_y, y),
             );
-            let s = _mm256_dpbusd_epi32(neg, q, y);
-            let d = _mm256_set1_ps(dw * *ds[t].add(b));
-            tail[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[t]);
+            for r in 0..R {
+                let s = _mm256_dpbusd_epi32(neg, q[r], y);
+                let d = _mm256_set1_ps(dw[r] * *ds[t].add(b));
+                tail[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[r][t]);
+            }
         }
     }
-    for t in 0..N {
-        res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t])) + hsum_ps(tail[t]);
+    for r in 0..R {
+        for t in 0..N {
+            res[r][t] =
+                _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t])) + hsum_ps(tail[r][t]);
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! scales, already replicated across the lanes they scale. Unsigned x signed
 //! products use `vpdpbusd`; the offsets (Q4_0's 8, Q8_0's +128 bias that makes its
 //! weights unsigned) are subtracted through per-lane activation sums computed in
-//! registers. Rows are dotted one at a time (one DRAM stream per thread; see avx2.rs).
+//! registers. Rows are dotted one at a time (one DRAM stream per thread; see avx2.rs),
+//! except by the multi-token kernels (`tokens_fn`), which read L2-resident chunks.
 //! Only Q4_0's nibble-ordered activations are prepared once per call ([`prepare`]):
 //! extra per-call arrays (precomputed corrections, replicated scales) were measured to
 //! halve the streamed rate, presumably by competing with the weight stream in L1 and

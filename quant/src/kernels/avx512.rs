@@ -117,44 +117,58 @@ type Q8Ptrs = ([*const u8; NT], [*const u8; NT]);
 /// Q4_0 adds the nibble-ordered prepared quants.
 type Q4Ptrs = ([*const u8; NT], [*const u8; NT], [*const u8; NT]);
 
+/// [`tokens_driver!`] for kernels taking 2 rows x N tokens per pass (`k::<R, N>`,
+/// R = 2 or 1 for an odd last row).
+macro_rules! rows2_driver {
+    ($w:expr, $rb:expr, $acts:expr, $out:expr, $rows:expr, $nb:expr, $k:ident, |$tile:ident| $ptrs:expr) => {{
+        let (w, rb, rows, nb) = ($w, $rb, $rows, $nb);
+        for (ti, $tile) in $acts.chunks(NT).enumerate() {
+            let pt = $ptrs;
+            let tile = $tile;
+            let mut r = 0;
+            while r < rows {
+                let nr = (rows - r).min(2);
+                let p0 = w[r * rb..].as_ptr();
+                // with one row left both pointers name it; the R = 1 kernel reads only the first
+                let rp = [p0, w[(r + nr - 1) * rb..].as_ptr()];
+                let mut res = [[0f32; NT]; 2];
+                // SAFETY: tokens_fn hands these kernels out only at Level::Avx512
+                // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); both row pointers
+                // start whole rows of `w` (r + nr <= rows) and every activation was
+                // checked against the row size above; the kernel reads only the first
+                // N tokens.
+                unsafe {
+                    match (nr, tile.len()) {
+                        (2, 4) => $k::<2, 4>(rp, nb, &pt, &mut res),
+                        (2, 3) => $k::<2, 3>(rp, nb, &pt, &mut res),
+                        (2, 2) => $k::<2, 2>(rp, nb, &pt, &mut res),
+                        (2, _) => $k::<2, 1>(rp, nb, &pt, &mut res),
+                        (_, 4) => $k::<1, 4>(rp, nb, &pt, &mut res),
+                        (_, 3) => $k::<1, 3>(rp, nb, &pt, &mut res),
+                        (_, 2) => $k::<1, 2>(rp, nb, &pt, &mut res),
+                        _ => $k::<1, 1>(rp, nb, &pt, &mut res),
+                    }
+                }
+                for (dr, rr) in res[..nr].iter().enumerate() {
+                    for (i, v) in rr[..tile.len()].iter().enumerate() {
+                        $out[(ti * NT + i) * rows + r + dr] = *v;
+                    }
+                }
+                r += nr;
+            }
+        }
+    }};
+}
+
 fn toks_q8_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
     let (rows, nb) = check_tokens(GgmlType::Q8_0, w, rb, acts, out);
-    for (ti, tile) in acts.chunks(NT).enumerate() {
-        let pt: Q8Ptrs = (
+    rows2_driver!(w, rb, acts, out, rows, nb, k_q8_0_rn, |tile| {
+        let p: Q8Ptrs = (
             tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
         );
-        let mut r = 0;
-        while r < rows {
-            let nr = (rows - r).min(2);
-            let p0 = w[r * rb..].as_ptr();
-            // with one row left both pointers name it; the R = 1 kernel reads only the first
-            let rp = [p0, w[(r + nr - 1) * rb..].as_ptr()];
-            let mut res = [[0f32; NT]; 2];
-            // SAFETY: tokens_fn hands this kernel out only at Level::Avx512
-            // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); both row pointers
-            // start whole rows of `w` (r + nr <= rows) and every activation was checked
-            // against the row size above; the kernel reads only the first N tokens.
-            unsafe {
-                match (nr, tile.len()) {
-                    (2, 4) => k_q8_0_rn::<2, 4>(rp, nb, &pt, &mut res),
-                    (2, 3) => k_q8_0_rn::<2, 3>(rp, nb, &pt, &mut res),
-                    (2, 2) => k_q8_0_rn::<2, 2>(rp, nb, &pt, &mut res),
-                    (2, _) => k_q8_0_rn::<2, 1>(rp, nb, &pt, &mut res),
-                    (_, 4) => k_q8_0_rn::<1, 4>(rp, nb, &pt, &mut res),
-                    (_, 3) => k_q8_0_rn::<1, 3>(rp, nb, &pt, &mut res),
-                    (_, 2) => k_q8_0_rn::<1, 2>(rp, nb, &pt, &mut res),
-                    _ => k_q8_0_rn::<1, 1>(rp, nb, &pt, &mut res),
-                }
-            }
-            for (dr, rr) in res[..nr].iter().enumerate() {
-                for (i, v) in rr[..tile.len()].iter().enumerate() {
-                    out[(ti * NT + i) * rows + r + dr] = *v;
-                }
-            }
-            r += nr;
-        }
-    }
+        p
+    });
 }
 
 fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
@@ -169,7 +183,7 @@ fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
         }
         return;
     }
-    tokens_driver!(w, rb, acts, out, rows, nb, k_q4_0_n, |tile| {
+    rows2_driver!(w, rb, acts, out, rows, nb, k_q4_0_rn, |tile| {
         let p: Q4Ptrs = (
             tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
@@ -631,11 +645,17 @@ unsafe fn k_q8_0_rn<const R: usize, const N: usize>(
     }
 }
 
-/// [`k_q4_0`] for N tokens at once (nibbles unpacked and scales widened once per
-/// group); per token exactly `k_q4_0`'s operations in its order.
+/// [`k_q4_0`] for R rows (1 or 2) x N tokens at once (nibbles unpacked and scales
+/// widened once per group, each token's loads and -8 * sum(y) terms shared by the
+/// rows); per (row, token) exactly `k_q4_0`'s operations in its order.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q4_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q4Ptrs, res: &mut [f32; NT]) {
+unsafe fn k_q4_0_rn<const R: usize, const N: usize>(
+    w: [*const u8; 2],
+    nb: usize,
+    pt: &Q4Ptrs,
+    res: &mut [[f32; NT]; 2],
+) {
     let m4 = _mm512_set1_epi8(0x0F);
     let eight = _mm512_set1_epi8(8);
     let zero = _mm512_setzero_si512();
@@ -643,51 +663,68 @@ unsafe fn k_q4_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q4Ptrs, res: &m
     let qs: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
     let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
     let ys: [*const i8; N] = std::array::from_fn(|t| pt.2[t] as *const i8);
-    let mut acc = [[_mm512_setzero_ps(); 2]; N];
+    let mut acc = [[[_mm512_setzero_ps(); 2]; N]; R];
     let groups = nb / 4;
     for g in 0..groups {
-        let p = w.add(72 * g);
-        let lo_bytes = _mm512_loadu_si512(p as *const _);
-        let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
-        let q = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
-        let lo = _mm512_and_si512(q, m4);
-        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
-        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
-            didx, lo_bytes,
-        )));
+        let mut lo = [zero; R];
+        let mut hi = [zero; R];
+        let mut dw = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let p = w[r].add(72 * g);
+            let lo_bytes = _mm512_loadu_si512(p as *const _);
+            let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
+            let q = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
+            lo[r] = _mm512_and_si512(q, m4);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+            dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
+                didx, lo_bytes,
+            )));
+        }
         for t in 0..N {
             let ylo = _mm512_loadu_si512(ys[t].add(128 * g) as *const _);
             let yhi = _mm512_loadu_si512(ys[t].add(128 * g + 64) as *const _);
             let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi);
             let neg = _mm512_sub_epi32(zero, c);
-            let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
             let d4 = _mm512_castps128_ps512(_mm_loadu_ps(ds[t].add(4 * g)));
-            let d = _mm512_mul_ps(dw, _mm512_permutexvar_ps(by4, d4));
-            acc[t][g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t][g & 1]);
+            let dy = _mm512_permutexvar_ps(by4, d4);
+            for r in 0..R {
+                let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo[r], ylo), hi[r], yhi);
+                let d = _mm512_mul_ps(dw[r], dy);
+                acc[r][t][g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[r][t][g & 1]);
+            }
         }
     }
-    let mut tail = [_mm256_setzero_ps(); N];
+    let mut tail = [[_mm256_setzero_ps(); N]; R];
     for b in 4 * groups..nb {
-        let p = w.add(18 * b);
-        let q = _mm_loadu_si128(p.add(2) as *const __m128i);
-        let q = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
-            _mm256_set1_epi8(0x0F),
-        );
-        let dw = f16_at(p);
+        let mut q = [_mm256_setzero_si256(); R];
+        let mut dw = [0f32; R];
+        for r in 0..R {
+            let p = w[r].add(18 * b);
+            let v = _mm_loadu_si128(p.add(2) as *const __m128i);
+            q[r] = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16(v, 4), v),
+                _mm256_set1_epi8(0x0F),
+            );
+            dw[r] = f16_at(p);
+        }
         for t in 0..N {
             let y = _mm256_loadu_si256(qs[t].add(QK * b) as *const __m256i);
             let neg = _mm256_sub_epi32(
                 _mm256_setzero_si256(),
                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
             );
-            let s = _mm256_dpbusd_epi32(neg, q, y);
-            let d = _mm256_set1_ps(dw * *ds[t].add(b));
-            tail[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[t]);
+            for r in 0..R {
+                let s = _mm256_dpbusd_epi32(neg, q[r], y);
+                let d = _mm256_set1_ps(dw[r] * *ds[t].add(b));
+                tail[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[r][t]);
+            }
         }
     }
-    for t in 0..N {
-        res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) + hsum_ps(tail[t]);
+    for r in 0..R {
+        for t in 0..N {
+            res[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]))
+                + hsum_ps(tail[r][t]);
+        }
     }
 }
 

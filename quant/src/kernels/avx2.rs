@@ -112,7 +112,7 @@ pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
 /// 16 packed nibbles -> 32 bytes: low nibbles (values 0..16) then high (16..32).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     let q = _mm_loadu_si128(p as *const __m128i);
     _mm256_and_si256(
         _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
@@ -123,7 +123,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 /// Byte j = 0xFF where bit j of `x` is set.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes_from_bits(x: u32) -> __m256i {
+pub(super) unsafe fn bytes_from_bits(x: u32) -> __m256i {
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,
         0x0202_0202_0202_0202,

@@ -20,7 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{f16_at, hsum_ps};
+use super::avx2::{bytes_from_bits, f16_at, hsum_ps, nibbles};
 use super::{Activations, AlignedI8, Prep, RowsFn, TokensFn};
 use crate::blocks::*;
 use crate::kernels::scalar::k4_scales_mins;
@@ -43,6 +43,7 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
 pub(super) fn tokens_fn(w: GgmlType) -> Option<TokensFn> {
     Some(match w {
         GgmlType::Q4_0 => toks_q4_0,
+        GgmlType::Q5_0 => toks_q5_0,
         GgmlType::Q8_0 => toks_q8_0,
         GgmlType::Q4_K => toks_q4_k,
         GgmlType::Q5_K => toks_q5_k,
@@ -188,6 +189,17 @@ fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
             tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.prep.y.as_ptr() as *const u8),
+        );
+        p
+    });
+}
+
+fn toks_q5_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+    let (rows, nb) = check_tokens(GgmlType::Q5_0, w, rb, acts, out);
+    tokens_driver!(w, rb, acts, out, rows, nb, k_q5_0_n, |tile| {
+        let p: Q8Ptrs = (
+            tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
+            tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
         );
         p
     });
@@ -725,6 +737,39 @@ unsafe fn k_q4_0_rn<const R: usize, const N: usize>(
             res[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]))
                 + hsum_ps(tail[r][t]);
         }
+    }
+}
+
+/// The AVX2 level's `k_q5_0` (Q5_0 has no AVX-512 row kernel) for N tokens at
+/// once: each block's 5-bit values are assembled once and dotted with every token;
+/// per token exactly that kernel's operations in its order (same results).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q5_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q8Ptrs, res: &mut [f32; NT]) {
+    let ones = _mm256_set1_epi16(1);
+    let off = _mm256_set1_epi8(16);
+    let b4 = _mm256_set1_epi8(0x10);
+    let ys: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
+    let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
+    let mut accs = [[_mm256_setzero_ps(); 2]; N];
+    for b in 0..nb {
+        let blk = w.add(22 * b);
+        let qh = (blk.add(2) as *const u32).read_unaligned();
+        let q = _mm256_or_si256(
+            nibbles(blk.add(6)),
+            _mm256_and_si256(bytes_from_bits(qh), b4),
+        );
+        let dw = f16_at(blk);
+        for t in 0..N {
+            let y = _mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i);
+            let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), _mm256_maddubs_epi16(off, y));
+            let p = _mm256_madd_epi16(p16, ones);
+            let d = _mm256_set1_ps(dw * *ds[t].add(b));
+            accs[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, accs[t][b & 1]);
+        }
+    }
+    for t in 0..N {
+        res[t] = hsum_ps(_mm256_add_ps(accs[t][0], accs[t][1]));
     }
 }
 

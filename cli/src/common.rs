@@ -77,19 +77,10 @@ pub fn tokenizer_only(args: &ModelArgs) -> Result<Tokenizer> {
     if let Some(path) = &args.tokenizer {
         return tokenizer_from_path(path, None);
     }
-    if args.model.is_file() && is_gguf(&args.model) {
+    if graft_runtime::gguf::has_gguf_magic(&args.model) {
         return Ok(Tokenizer::open_gguf(&args.model)?);
     }
     beside_model(&args.model, None)
-}
-
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
 }
 
 fn tokenizer_from_path(path: &Path, n_vocab: Option<usize>) -> Result<Tokenizer> {

@@ -41,15 +41,11 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
     crate::write_stdout(&text)
 }
 
+/// A `.gguf` name or the GGUF magic sends the file to the GGUF reader (whose errors
+/// then explain what is wrong with it).
 fn is_gguf(path: &Path) -> Result<bool> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let n = f
-        .read(&mut magic)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(n == 4 && &magic == b"GGUF" || path.extension().is_some_and(|e| e == "gguf"))
+    std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    Ok(path.extension().is_some_and(|e| e == "gguf") || graft_runtime::gguf::has_gguf_magic(path))
 }
 
 fn inspect_gguf(path: &Path) -> Result<Report> {

@@ -27,6 +27,17 @@ pub use writer::GgufWriter;
 
 /// `GGUF` in file byte order.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
+/// Whether `path` is a readable file that starts with the GGUF magic (cheap format
+/// sniffing before choosing a loader; says nothing about validity).
+pub fn has_gguf_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == GGUF_MAGIC
+}
+
 /// The version the writer produces by default.
 pub const GGUF_VERSION: u32 = 3;
 /// Alignment when `general.alignment` is absent.

@@ -463,12 +463,7 @@ pub fn is_llama2c_path(path: &Path) -> bool {
     if !bin {
         return false;
     }
-    let mut magic = [0u8; 4];
-    let gguf = File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF";
-    !gguf
+    !crate::gguf::has_gguf_magic(path)
 }
 
 struct Llama2cSource {

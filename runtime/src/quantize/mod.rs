@@ -83,7 +83,7 @@ pub fn quantize_model(
 ) -> Result<QuantizeReport, QuantizeError> {
     let gguf;
     let hf;
-    let (metadata, shape, tensors) = if is_gguf(input) {
+    let (metadata, shape, tensors) = if crate::gguf::has_gguf_magic(input) {
         gguf = GgufFile::open(input)?;
         gguf_source(&gguf)?
     } else {
@@ -161,16 +161,6 @@ pub fn quantize_model(
         source,
     })?;
     Ok(report)
-}
-
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == b"GGUF"
 }
 
 type Source<'a> = (Vec<(String, GgufValue)>, ModelShape, Vec<SourceTensor<'a>>);

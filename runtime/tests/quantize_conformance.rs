@@ -1,26 +1,16 @@
 //! HF checkpoints quantize exactly like their GGUF counterparts. (Every GGUF recipe of
 //! the suite is checked byte for byte through the CLI in cli/tests/cli.rs.)
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use graft_runtime::gguf::GgufFile;
 use graft_runtime::quantize::{quantize_model, FileType, QuantizeOptions};
-
-fn conformance_models() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/models");
-    assert!(
-        dir.is_dir(),
-        "conformance suite missing: expected {} (clone graft next to shared/)",
-        dir.display()
-    );
-    dir
-}
 
 #[test]
 fn hf_checkpoint_quantizes_like_the_gguf_source() {
     // The -hf checkpoints hold the same weights as the F32 GGUFs (q/k rows in HF order):
     // converting them must give the GGUF's tensors, and quantizing must then match too.
-    let dir = conformance_models();
+    let dir = common::conformance().join("models");
     let tmp = std::env::temp_dir().join(format!("graft-qhf-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     for family in ["llama-gqa", "llama-tied", "qwen2"] {
@@ -82,8 +72,7 @@ fn dequantized_suite_tensors_stay_close_to_their_f32_source() {
             _ => 0.0,
         }
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/models");
-    assert!(dir.is_dir(), "conformance suite missing: {}", dir.display());
+    let dir = common::conformance().join("models");
     let mut checked = 0;
     for family in ["llama-gqa", "llama-tied", "qwen2"] {
         let source = GgufFile::open(dir.join(format!("{family}-F32.gguf"))).unwrap();

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use graft_quant::kernels;
 use rayon::prelude::*;
 
+use super::delta::{BatchDeltas, Proj};
 use super::{simd, Model, ModelError, RopeScaling, RopeStyle, Weight};
 use crate::kv_cache::{KvCache, SeqId};
 
@@ -131,6 +132,58 @@ fn linear3(
     ra.and(rbc)
 }
 
+/// Lets every delta group of `deltas` update its tokens' rows of `y` (`n` rows of
+/// `out_dim`), the base output of projection `proj` of layer `layer` for input `x`
+/// (`n` rows of `in_dim`).
+fn apply_deltas(
+    deltas: Option<&BatchDeltas>,
+    (layer, proj): (usize, Proj),
+    x: &[f32],
+    in_dim: usize,
+    y: &mut [f32],
+    out_dim: usize,
+) -> Result<(), ModelError> {
+    let Some(deltas) = deltas else {
+        return Ok(());
+    };
+    let n = y.len() / out_dim.max(1);
+    let delta_err = |e: super::delta::DeltaError| {
+        ModelError::Forward(format!("delta on blk.{layer}.{proj}: {e}"))
+    };
+    let active: Vec<_> = deltas
+        .groups
+        .iter()
+        .filter(|(d, _)| d.touches(layer, proj))
+        .collect();
+    if let [(d, idx)] = active.as_slice() {
+        if idx.len() == n {
+            return d.apply(layer, proj, x, n, y).map_err(delta_err);
+        }
+    }
+    // Each group works on its gathered rows; groups run concurrently.
+    let y_ref = &*y;
+    let updated: Vec<Vec<f32>> = active
+        .par_iter()
+        .map(|(d, idx)| {
+            let mut xg = Vec::with_capacity(idx.len() * in_dim);
+            let mut yg = Vec::with_capacity(idx.len() * out_dim);
+            for &i in idx.iter() {
+                xg.extend_from_slice(&x[i * in_dim..(i + 1) * in_dim]);
+                yg.extend_from_slice(&y_ref[i * out_dim..(i + 1) * out_dim]);
+            }
+            d.apply(layer, proj, &xg, idx.len(), &mut yg)
+                .map(|()| yg)
+                .map_err(delta_err)
+        })
+        .collect::<Result<_, _>>()?;
+    for ((_, idx), yg) in active.iter().zip(updated) {
+        for (&i, row) in idx.iter().zip(yg.chunks_exact(out_dim)) {
+            y[i * out_dim..(i + 1) * out_dim].copy_from_slice(row);
+        }
+    }
+    Ok(())
+}
+
 /// ggml's rms_norm: the mean of squares accumulated in f64.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
@@ -223,7 +276,29 @@ impl Model {
         cache: &mut KvCache,
         s: &mut Scratch,
     ) -> Result<Logits, ModelError> {
+        self.forward_adapted(batch, cache, s, None)
+    }
+
+    /// [`forward_with`](Self::forward_with) where each token's projections also go
+    /// through the delta `deltas` assigns it (an adapter, a stack, or none).
+    pub fn forward_adapted(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        deltas: Option<&BatchDeltas>,
+    ) -> Result<Logits, ModelError> {
         let c = &self.config;
+        if let Some(d) = deltas {
+            if d.n_tokens() != batch.len() {
+                return Err(ModelError::Forward(format!(
+                    "deltas were assigned for {} tokens, the batch has {}",
+                    d.n_tokens(),
+                    batch.len()
+                )));
+            }
+        }
+        let deltas = deltas.filter(|d| !d.is_empty());
         let n = batch.len();
         let (d, qd, kvd, ff, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff, c.head_dim);
         if n == 0 {
@@ -310,6 +385,9 @@ impl Model {
                     (&layer.wv, &mut s.v),
                 ],
             )?;
+            apply_deltas(deltas, (li, Proj::Q), &s.h, d, &mut s.q, qd)?;
+            apply_deltas(deltas, (li, Proj::K), &s.h, d, &mut s.k, kvd)?;
+            apply_deltas(deltas, (li, Proj::V), &s.h, d, &mut s.v, kvd)?;
             add_bias(&mut s.q, layer.bq.as_ref());
             add_bias(&mut s.k, layer.bk.as_ref());
             add_bias(&mut s.v, layer.bv.as_ref());
@@ -380,6 +458,7 @@ impl Model {
                 });
 
             linear(&layer.wo, &s.attn, n, &mut s.proj)?;
+            apply_deltas(deltas, (li, Proj::O), &s.attn, qd, &mut s.proj, d)?;
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }
@@ -390,11 +469,14 @@ impl Model {
                 &s.h,
                 [(&layer.w_gate, &mut s.gate), (&layer.w_up, &mut s.up)],
             )?;
+            apply_deltas(deltas, (li, Proj::Gate), &s.h, d, &mut s.gate, ff)?;
+            apply_deltas(deltas, (li, Proj::Up), &s.h, d, &mut s.up, ff)?;
             for (g, &u) in s.gate.iter_mut().zip(&s.up) {
                 let silu = *g / (1.0 + (-*g).exp());
                 *g = silu * u;
             }
             linear(&layer.w_down, &s.gate, n, &mut s.proj)?;
+            apply_deltas(deltas, (li, Proj::Down), &s.gate, ff, &mut s.proj, d)?;
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }

@@ -2,11 +2,13 @@
 //! where the file allows, and the forward pass over it.
 
 mod config;
+pub mod delta;
 mod forward;
 mod llama2c;
 mod simd;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopeScaling, RopeStyle};
+pub use delta::{BatchDeltas, DeltaError, LinearDelta, Proj};
 pub use forward::{sequence_batch, Batch, BatchToken, Logits, Scratch};
 pub use llama2c::{
     is_llama2c_path, llama2c_to_bytes, write_llama2c, Llama2cError, Llama2cHeader, Llama2cVersion,
@@ -98,6 +100,86 @@ pub struct Weight {
 }
 
 impl Weight {
+    /// A `rows` x `cols` weight in owned bytes (checked against the type's row size).
+    pub fn owned(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<Weight, QuantError> {
+        Self::check_len(ty, rows, cols, bytes.len())?;
+        Ok(Weight {
+            ty,
+            rows,
+            cols,
+            bytes: Bytes::Owned(bytes.into()),
+        })
+    }
+
+    /// An F32 weight from row-major values.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Weight, QuantError> {
+        Self::owned(
+            GgmlType::F32,
+            rows,
+            cols,
+            bytemuck::cast_slice(values).to_vec(),
+        )
+    }
+
+    /// A weight viewing `len` bytes at `start` of a shared buffer (a memory map), so
+    /// nothing is copied.
+    pub fn shared(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        buf: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        start: usize,
+        len: usize,
+    ) -> Result<Weight, QuantError> {
+        Self::check_len(ty, rows, cols, len)?;
+        let available = (*buf).as_ref().len();
+        if start.checked_add(len).is_none_or(|end| end > available) {
+            return Err(QuantError::ByteSize {
+                ty,
+                len: rows.saturating_mul(cols),
+                found: available.saturating_sub(start),
+                expected: len,
+            });
+        }
+        Ok(Weight {
+            ty,
+            rows,
+            cols,
+            bytes: Bytes::Shared { buf, start, len },
+        })
+    }
+
+    /// A tensor of a GGUF file, zero-copy; its ggml dims `[cols, rows...]`.
+    pub fn from_gguf(file: &Arc<GgufFile>, info: &TensorInfo) -> Weight {
+        gguf_weight(file, info)
+    }
+
+    fn check_len(ty: GgmlType, rows: usize, cols: usize, len: usize) -> Result<(), QuantError> {
+        let expected = ty
+            .row_size(cols)?
+            .checked_mul(rows)
+            .ok_or(QuantError::Overflow { ty, len: cols })?;
+        if len != expected {
+            return Err(QuantError::ByteSize {
+                ty,
+                len: rows.saturating_mul(cols),
+                found: len,
+                expected,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the bytes live in a file map shared with other weights (not owned).
+    pub fn is_mapped(&self) -> bool {
+        !matches!(self.bytes, Bytes::Owned(_))
+    }
+
     pub fn data(&self) -> &[u8] {
         self.bytes.as_slice()
     }
@@ -143,6 +225,33 @@ pub struct Layer {
     pub w_gate: Weight,
     pub w_up: Weight,
     pub w_down: Weight,
+}
+
+impl Layer {
+    /// The weight of projection `p`.
+    pub fn proj(&self, p: Proj) -> &Weight {
+        match p {
+            Proj::Q => &self.wq,
+            Proj::K => &self.wk,
+            Proj::V => &self.wv,
+            Proj::O => &self.wo,
+            Proj::Gate => &self.w_gate,
+            Proj::Up => &self.w_up,
+            Proj::Down => &self.w_down,
+        }
+    }
+
+    pub fn proj_mut(&mut self, p: Proj) -> &mut Weight {
+        match p {
+            Proj::Q => &mut self.wq,
+            Proj::K => &mut self.wk,
+            Proj::V => &mut self.wv,
+            Proj::O => &mut self.wo,
+            Proj::Gate => &mut self.w_gate,
+            Proj::Up => &mut self.w_up,
+            Proj::Down => &mut self.w_down,
+        }
+    }
 }
 
 /// A model ready to run.

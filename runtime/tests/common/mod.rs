@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use graft_runtime::kv_cache::KvType;
-use graft_runtime::model::{sequence_batch, BatchToken, Model};
+use graft_runtime::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, Scratch};
 
 pub fn conformance() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
@@ -184,34 +184,58 @@ pub fn compare_logits(
 
 /// Logits at every position of `tokens` for one fresh sequence.
 pub fn logits_all(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    logits_all_with(model, tokens, None)
+}
+
+/// [`logits_all`] with every token going through `delta` (an adapter or stack).
+pub fn logits_all_with(model: &Model, tokens: &[u32], delta: Option<&dyn LinearDelta>) -> Vec<f32> {
     let mut cache = model.new_cache(tokens.len() + 1, KvType::F16);
+    let batch = sequence_batch(tokens, 0, 0, true);
+    forward_one(model, &batch, &mut cache, delta).data
+}
+
+fn forward_one(
+    model: &Model,
+    batch: &[BatchToken],
+    cache: &mut graft_runtime::kv_cache::KvCache,
+    delta: Option<&dyn LinearDelta>,
+) -> graft_runtime::model::Logits {
+    let deltas = delta.map(|d| BatchDeltas::uniform(d, batch.len()));
     model
-        .forward(&sequence_batch(tokens, 0, 0, true), &mut cache)
+        .forward_adapted(batch, cache, &mut Scratch::default(), deltas.as_ref())
         .unwrap()
-        .data
 }
 
 /// Greedy continuation of `n` tokens.
 pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    greedy_with(model, prompt, n, None)
+}
+
+/// [`greedy`] with every token going through `delta`.
+pub fn greedy_with(
+    model: &Model,
+    prompt: &[u32],
+    n: usize,
+    delta: Option<&dyn LinearDelta>,
+) -> Vec<u32> {
     let mut cache = model.new_cache(prompt.len() + n + 1, KvType::F16);
-    let mut logits = model
-        .forward(&sequence_batch(prompt, 0, 0, false), &mut cache)
-        .unwrap();
+    let mut logits = forward_one(
+        model,
+        &sequence_batch(prompt, 0, 0, false),
+        &mut cache,
+        delta,
+    );
     let mut out = Vec::new();
     for pos in prompt.len()..prompt.len() + n {
         let next = argmax(logits.row(0)) as u32;
         out.push(next);
-        logits = model
-            .forward(
-                &[BatchToken {
-                    token: next,
-                    pos,
-                    seq: 0,
-                    logits: true,
-                }],
-                &mut cache,
-            )
-            .unwrap();
+        let token = [BatchToken {
+            token: next,
+            pos,
+            seq: 0,
+            logits: true,
+        }];
+        logits = forward_one(model, &token, &mut cache, delta);
     }
     out
 }

@@ -539,6 +539,10 @@ fn f32_len_check(len: usize, found: usize) -> Result<(), QuantError> {
 /// the target) so the chunk is read from DRAM once and from L2 n_tokens - 1 times.
 const TOKEN_TILE_BYTES: usize = 256 << 10;
 
+/// Weight bytes times tokens up to which a product runs on the calling thread: about
+/// the work of the few microseconds a rayon fork-join costs.
+const SERIAL_MAX_BYTES: usize = 64 << 10;
+
 /// [`matmul`] at an explicit level (tests and benches).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with(
@@ -583,13 +587,32 @@ pub fn matmul_with(
         return Ok(());
     }
 
+    // Small products (LoRA factors, tiny models) cost less than waking the pool.
+    let serial = wbytes.saturating_mul(n_tokens) <= SERIAL_MAX_BYTES;
     let acts: Vec<Activations> = if n_tokens == 1 {
         vec![quantize_activations_with(lvl, w, x)?]
+    } else if serial {
+        x.chunks(cols)
+            .map(|xt| quantize_activations_with(lvl, w, xt))
+            .collect::<Result<_, _>>()?
     } else {
         x.par_chunks(cols)
             .map(|xt| quantize_activations_with(lvl, w, xt))
             .collect::<Result<_, _>>()?
     };
+
+    if serial {
+        match (n_tokens, tokens_fn(lvl, w)) {
+            // Chunk-major output of one chunk holding every row is y's own layout.
+            (2.., Some(m)) => m(weights, rb, &acts, y),
+            _ => {
+                for (act, yt) in acts.iter().zip(y.chunks_mut(rows)) {
+                    f(weights, rb, act, yt);
+                }
+            }
+        }
+        return Ok(());
+    }
 
     let threads = rayon::current_num_threads().max(1);
     if n_tokens == 1 {

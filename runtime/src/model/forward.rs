@@ -99,36 +99,57 @@ fn linear(w: &Weight, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), ModelErr
     kernels::matmul(w.ty, w.data(), w.rows, w.cols, x, n, y).map_err(fwd_err)
 }
 
+/// Where a projection sits, for the deltas that may change its output.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    deltas: Option<&'a BatchDeltas<'a>>,
+    layer: usize,
+}
+
+/// A base projection of a layer followed by its deltas (inside the same parallel
+/// branch, so the adapter work of q/k/v or gate/up overlaps too).
+fn project(
+    site: Site,
+    proj: Proj,
+    w: &Weight,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+) -> Result<(), ModelError> {
+    linear(w, x, n, y)?;
+    apply_deltas(site.deltas, (site.layer, proj), x, w.cols, y, w.rows)
+}
+
 /// Batches up to this size run independent projections of one input concurrently:
 /// a decode-sized matmul is too short to amortise a thread-pool wake-up (measured
 /// +15-20% decode on smollm2-135m), while large batches already fill every thread.
 const JOIN_MAX_TOKENS: usize = 8;
 
+type Target<'w, 'y> = (Proj, &'w Weight, &'y mut Vec<f32>);
+
 /// Two projections of the same input `x`.
-fn linear2(
-    n: usize,
-    x: &[f32],
-    [(wa, ya), (wb, yb)]: [(&Weight, &mut Vec<f32>); 2],
-) -> Result<(), ModelError> {
+fn project2(site: Site, n: usize, x: &[f32], [a, b]: [Target; 2]) -> Result<(), ModelError> {
     if n > JOIN_MAX_TOKENS {
-        linear(wa, x, n, ya)?;
-        return linear(wb, x, n, yb);
+        project(site, a.0, a.1, x, n, a.2)?;
+        return project(site, b.0, b.1, x, n, b.2);
     }
-    let (ra, rb) = rayon::join(|| linear(wa, x, n, ya), || linear(wb, x, n, yb));
+    let (ra, rb) = rayon::join(
+        || project(site, a.0, a.1, x, n, a.2),
+        || project(site, b.0, b.1, x, n, b.2),
+    );
     ra.and(rb)
 }
 
 /// Three projections of the same input `x` (q, k, v).
-fn linear3(
-    n: usize,
-    x: &[f32],
-    [a, b, c]: [(&Weight, &mut Vec<f32>); 3],
-) -> Result<(), ModelError> {
+fn project3(site: Site, n: usize, x: &[f32], [a, b, c]: [Target; 3]) -> Result<(), ModelError> {
     if n > JOIN_MAX_TOKENS {
-        linear(a.0, x, n, a.1)?;
-        return linear2(n, x, [b, c]);
+        project(site, a.0, a.1, x, n, a.2)?;
+        return project2(site, n, x, [b, c]);
     }
-    let (ra, rbc) = rayon::join(|| linear(a.0, x, n, a.1), || linear2(n, x, [b, c]));
+    let (ra, rbc) = rayon::join(
+        || project(site, a.0, a.1, x, n, a.2),
+        || project2(site, n, x, [b, c]),
+    );
     ra.and(rbc)
 }
 
@@ -376,18 +397,17 @@ impl Model {
 
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
-            linear3(
+            let site = Site { deltas, layer: li };
+            project3(
+                site,
                 n,
                 &s.h,
                 [
-                    (&layer.wq, &mut s.q),
-                    (&layer.wk, &mut s.k),
-                    (&layer.wv, &mut s.v),
+                    (Proj::Q, &layer.wq, &mut s.q),
+                    (Proj::K, &layer.wk, &mut s.k),
+                    (Proj::V, &layer.wv, &mut s.v),
                 ],
             )?;
-            apply_deltas(deltas, (li, Proj::Q), &s.h, d, &mut s.q, qd)?;
-            apply_deltas(deltas, (li, Proj::K), &s.h, d, &mut s.k, kvd)?;
-            apply_deltas(deltas, (li, Proj::V), &s.h, d, &mut s.v, kvd)?;
             add_bias(&mut s.q, layer.bq.as_ref());
             add_bias(&mut s.k, layer.bk.as_ref());
             add_bias(&mut s.v, layer.bv.as_ref());
@@ -457,26 +477,26 @@ impl Model {
                     }
                 });
 
-            linear(&layer.wo, &s.attn, n, &mut s.proj)?;
-            apply_deltas(deltas, (li, Proj::O), &s.attn, qd, &mut s.proj, d)?;
+            project(site, Proj::O, &layer.wo, &s.attn, n, &mut s.proj)?;
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }
 
             rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
-            linear2(
+            project2(
+                site,
                 n,
                 &s.h,
-                [(&layer.w_gate, &mut s.gate), (&layer.w_up, &mut s.up)],
+                [
+                    (Proj::Gate, &layer.w_gate, &mut s.gate),
+                    (Proj::Up, &layer.w_up, &mut s.up),
+                ],
             )?;
-            apply_deltas(deltas, (li, Proj::Gate), &s.h, d, &mut s.gate, ff)?;
-            apply_deltas(deltas, (li, Proj::Up), &s.h, d, &mut s.up, ff)?;
             for (g, &u) in s.gate.iter_mut().zip(&s.up) {
                 let silu = *g / (1.0 + (-*g).exp());
                 *g = silu * u;
             }
-            linear(&layer.w_down, &s.gate, n, &mut s.proj)?;
-            apply_deltas(deltas, (li, Proj::Down), &s.gate, ff, &mut s.proj, d)?;
+            project(site, Proj::Down, &layer.w_down, &s.gate, n, &mut s.proj)?;
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;
             }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::kv_cache::{KvError, KvType};
-use crate::model::{sequence_batch, BatchToken, Model, ModelError, Scratch};
+use crate::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, ModelError, Scratch};
 use crate::sampling::{Sampler, SamplingError, SamplingParams, StopChecker};
 use crate::tokenizer::Tokenizer;
 
@@ -101,8 +101,24 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     params: &GenerateParams,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateOutput, GenerateError> {
+    generate_adapted(model, tokenizer, prompt, params, None, on_text)
+}
+
+/// [`generate`] with every token going through `delta` (an adapter or a stack).
+pub fn generate_adapted(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    delta: Option<&dyn LinearDelta>,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateOutput, GenerateError> {
+    let step = |batch: &[BatchToken], cache: &mut _, scratch: &mut _| {
+        let deltas = delta.map(|d| BatchDeltas::uniform(d, batch.len()));
+        model.forward_adapted(batch, cache, scratch, deltas.as_ref())
+    };
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
@@ -123,7 +139,7 @@ pub fn generate(
         let base = ci * PREFILL_CHUNK;
         let last_chunk = base + chunk.len() == prompt.len();
         let batch = sequence_batch(chunk, 0, base, false);
-        let out = model.forward_with(&batch, &mut cache, &mut scratch)?;
+        let out = step(&batch, &mut cache, &mut scratch)?;
         if last_chunk {
             logits = out.row(0).to_vec();
         }
@@ -161,7 +177,7 @@ pub fn generate(
         if tokens.len() == params.max_tokens {
             break;
         }
-        let out = model.forward_with(
+        let out = step(
             &[BatchToken {
                 token: next,
                 pos,

@@ -8,5 +8,5 @@ pub mod delta;
 pub mod error;
 
 pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
-pub use graft_runtime::model::{BatchDeltas, LinearDelta, Proj};
 pub use error::{AdapterError, Result};
+pub use graft_runtime::model::{BatchDeltas, LinearDelta, Proj};

@@ -51,7 +51,11 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn six_sequences_on_different_adapters_equal_their_single_runs() {
     let models = conformance().join("models");
-    for file in ["llama-gqa-F32.gguf", "llama-gqa-Q4_0.gguf", "qwen2-Q8_0.gguf"] {
+    for file in [
+        "llama-gqa-F32.gguf",
+        "llama-gqa-Q4_0.gguf",
+        "qwen2-Q8_0.gguf",
+    ] {
         let model = Model::load(&models.join(file), None).unwrap();
         let c = &model.config;
         let a = Arc::new(random_lora(&model, 8, 1));

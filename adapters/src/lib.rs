@@ -3,10 +3,16 @@
 //! - [`delta`]: LoRA/DoRA and sparse (SaRA) deltas, [`Adapter`] (one delta per layer
 //!   projection) and [`AdapterStack`] (several adapters with scales); both implement
 //!   the runtime's `LinearDelta`, so a forward step can mix them per sequence.
+//! - [`gguf_lora`], [`peft`]: LoRA loaders (llama.cpp GGUF LoRA, Hugging Face PEFT
+//!   LoRA/DoRA); [`load_adapter`] picks one from the path.
 
 pub mod delta;
 pub mod error;
+pub mod gguf_lora;
+pub mod load;
+pub mod peft;
 
 pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
 pub use error::{AdapterError, Result};
 pub use graft_runtime::model::{BatchDeltas, LinearDelta, Proj};
+pub use load::{load_adapter, parse_adapter_arg};

@@ -499,9 +499,16 @@ impl Backing {
     }
 }
 
+impl AsRef<[u8]> for Backing {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 struct Shard {
     path: PathBuf,
-    backing: Backing,
+    /// Shared so zero-copy weights can outlive the checkpoint ([`SafetensorsModel::tensor_shared`]).
+    backing: std::sync::Arc<Backing>,
 }
 
 struct Entry {
@@ -569,7 +576,7 @@ impl SafetensorsModel {
         let parsed = parse_file(&bytes, &source)?;
         let shard = Shard {
             path: source.clone(),
-            backing: Backing::Owned(bytes),
+            backing: std::sync::Arc::new(Backing::Owned(bytes)),
         };
         Ok(Self::assemble(source, vec![(shard, parsed)]))
     }
@@ -774,6 +781,30 @@ impl SafetensorsModel {
         })
     }
 
+    /// The shared buffer (memory map) of the file holding `name`, with the tensor's
+    /// byte range in it: for zero-copy weights that outlive this checkpoint. Any dtype;
+    /// [`tensor_info`](Self::tensor_info) gives dtype and shape.
+    #[allow(clippy::type_complexity)]
+    pub fn tensor_shared(
+        &self,
+        name: &str,
+    ) -> Result<(
+        std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>,
+        std::ops::Range<usize>,
+    )> {
+        let (_, entry, shard) = self.entry(name)?;
+        if entry.start > entry.end || entry.end > shard.backing.bytes().len() {
+            return Err(SafetensorsError::OffsetsOutOfBounds {
+                file: shard.path.clone(),
+                tensor: name.to_string(),
+                end: entry.end,
+                data_len: shard.backing.bytes().len(),
+            });
+        }
+        let buf: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = shard.backing.clone();
+        Ok((buf, entry.start..entry.end))
+    }
+
     /// Convenience: a tensor converted to f32.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         Ok(to_f32(&self.tensor(name)?))
@@ -801,7 +832,7 @@ fn map_file(path: &Path) -> Result<Shard> {
     let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
     Ok(Shard {
         path: path.to_path_buf(),
-        backing: Backing::Mapped(map),
+        backing: std::sync::Arc::new(Backing::Mapped(map)),
     })
 }
 

@@ -3,13 +3,14 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use clap::Args;
+use graft_adapters::{load_adapter, parse_adapter_arg, AdapterStack};
 use graft_runtime::kv_cache::KvType;
-use graft_runtime::model::{sequence_batch, BatchToken, Model, Scratch};
+use graft_runtime::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, Scratch};
 use serde_json::json;
 
-use crate::common::{init_threads, load_model, ModelArgs};
+use crate::common::{init_threads, load_adapters, load_model, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -24,6 +25,14 @@ pub struct BenchArgs {
     /// Timed repetitions of each test (after one warm-up run).
     #[arg(long, short = 'r', default_value_t = 5)]
     pub reps: usize,
+    /// Sequences decoded together in the generation test (one token each per step;
+    /// tg_tokens_per_s counts the tokens of all of them).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// With several --adapter: give the sequences of the batch one adapter each, in
+    /// turn (a mixed-adapter batch), instead of stacking them on every sequence.
+    #[arg(long)]
+    pub per_sequence: bool,
 }
 
 fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -40,31 +49,52 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn prompt_run(model: &Model, tokens: &[u32], scratch: &mut Scratch) -> Result<f64> {
+/// The delta of each sequence of the batch.
+type SeqDeltas<'a> = [Option<&'a dyn LinearDelta>];
+
+fn prompt_run(
+    model: &Model,
+    tokens: &[u32],
+    delta: Option<&dyn LinearDelta>,
+    scratch: &mut Scratch,
+) -> Result<f64> {
     let mut cache = model.new_cache(tokens.len(), KvType::F16);
     let batch = sequence_batch(tokens, 0, 0, false);
+    let deltas = delta.map(|d| BatchDeltas::uniform(d, batch.len()));
     let start = Instant::now();
-    model.forward_with(&batch, &mut cache, scratch)?;
+    model.forward_adapted(&batch, &mut cache, scratch, deltas.as_ref())?;
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn generation_run(model: &Model, tokens: &[u32], scratch: &mut Scratch) -> Result<f64> {
-    let mut cache = model.new_cache(tokens.len(), KvType::F16);
+/// `tokens.len()` decode steps of `seq_deltas.len()` sequences each.
+fn generation_run(
+    model: &Model,
+    tokens: &[u32],
+    seq_deltas: &SeqDeltas,
+    scratch: &mut Scratch,
+) -> Result<f64> {
+    let n_seq = seq_deltas.len();
+    let per_seq = tokens.len().next_multiple_of(KV_BLOCK);
+    let mut cache = model.new_cache(per_seq * n_seq, KvType::F16);
+    let any_delta = seq_deltas.iter().any(Option::is_some);
+    let deltas = any_delta.then(|| BatchDeltas::per_token(seq_deltas));
     let start = Instant::now();
     for (pos, &token) in tokens.iter().enumerate() {
-        model.forward_with(
-            &[BatchToken {
+        let batch: Vec<BatchToken> = (0..n_seq)
+            .map(|s| BatchToken {
                 token,
                 pos,
-                seq: 0,
+                seq: s as u32,
                 logits: true,
-            }],
-            &mut cache,
-            scratch,
-        )?;
+            })
+            .collect();
+        model.forward_adapted(&batch, &mut cache, scratch, deltas.as_ref())?;
     }
     Ok(start.elapsed().as_secs_f64())
 }
+
+/// Tokens per KV cache block (a sequence holds whole blocks).
+const KV_BLOCK: usize = 32;
 
 fn measure(reps: usize, n: usize, mut run: impl FnMut(u64) -> Result<f64>) -> Result<(f64, f64)> {
     run(0)?; // warm-up: page in the weights, fill caches
@@ -79,9 +109,43 @@ fn measure(reps: usize, n: usize, mut run: impl FnMut(u64) -> Result<f64>) -> Re
     Ok((rates[rates.len() / 2], var.sqrt()))
 }
 
+/// Median time from the first --adapter file on disk to an adapter ready to apply.
+fn adapter_load_ms(args: &ModelArgs, model: &Model, reps: usize) -> Result<f64> {
+    let Some(first) = args.adapter.first() else {
+        return Ok(0.0);
+    };
+    let (path, _) = parse_adapter_arg(first)?;
+    let (ms, _) = measure(reps, 1, |_| {
+        let start = Instant::now();
+        let adapter = load_adapter(&path, model)?;
+        let secs = start.elapsed().as_secs_f64();
+        drop(adapter);
+        Ok(secs)
+    })?;
+    // measure reports a rate (1 / seconds)
+    Ok(1e3 / ms)
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     let threads = init_threads(args.model.threads)?;
+    if args.batch == 0 {
+        return Err(anyhow!("--batch must be at least 1"));
+    }
     let model = load_model(&args.model)?;
+    let adapters = load_adapters(&args.model, &model)?;
+    // Each adapter alone (per-sequence mode) or the whole stack on every sequence.
+    let singles: Vec<AdapterStack> = adapters
+        .iter()
+        .flat_map(|s| s.layers.iter().cloned())
+        .map(|(a, scale)| AdapterStack::single(a, scale))
+        .collect();
+    let seq_deltas: Vec<Option<&dyn LinearDelta>> = (0..args.batch)
+        .map(|s| match (&adapters, args.per_sequence) {
+            (None, _) => None,
+            (Some(_), true) => Some(&singles[s % singles.len()] as &dyn LinearDelta),
+            (Some(stack), false) => Some(stack as &dyn LinearDelta),
+        })
+        .collect();
     let vocab = model.config.n_vocab;
     let mut scratch = Scratch::default();
     let mut out = json!({
@@ -91,22 +155,35 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "reps": args.reps,
         "weight_bytes": model.weight_bytes(),
     });
+    if let Some(stack) = &adapters {
+        out["adapters"] = json!(args.model.adapter);
+        out["adapter_bytes"] = json!(stack.layers.iter().map(|(a, _)| a.bytes()).sum::<usize>());
+        out["per_sequence"] = json!(args.per_sequence);
+        out["adapter_load_ms"] = json!(adapter_load_ms(&args.model, &model, args.reps)?);
+    }
     if args.pp > 0 {
         let (mean, sd) = measure(args.reps, args.pp, |seed| {
-            prompt_run(&model, &random_tokens(args.pp, vocab, seed), &mut scratch)
+            prompt_run(
+                &model,
+                &random_tokens(args.pp, vocab, seed),
+                seq_deltas[0],
+                &mut scratch,
+            )
         })?;
         out["pp"] = json!(args.pp);
         out["pp_tokens_per_s"] = json!(mean);
         out["pp_tokens_per_s_sd"] = json!(sd);
     }
     if args.tg > 0 {
-        let (mean, sd) = measure(args.reps, args.tg, |seed| {
+        let (mean, sd) = measure(args.reps, args.tg * args.batch, |seed| {
             generation_run(
                 &model,
                 &random_tokens(args.tg, vocab, seed + 1000),
+                &seq_deltas,
                 &mut scratch,
             )
         })?;
+        out["batch"] = json!(args.batch);
         out["tg"] = json!(args.tg);
         out["tg_tokens_per_s"] = json!(mean);
         out["tg_tokens_per_s_sd"] = json!(sd);

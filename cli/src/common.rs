@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use graft_adapters::{load_adapter, parse_adapter_arg, AdapterStack};
 use graft_quant::GgmlType;
 use graft_runtime::chat::ChatTemplate;
 use graft_runtime::model::Model;
@@ -25,6 +28,10 @@ pub struct ModelArgs {
     /// tokenizer.bin, or a GGUF file.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Adapter applied without merging, PATH[:SCALE] (scale 1 by default): a GGUF LoRA
+    /// file, a PEFT directory or a SaRA .safetensors file. Repeat to stack adapters.
+    #[arg(long, value_name = "PATH[:SCALE]")]
+    pub adapter: Vec<String>,
 }
 
 /// Sizes the global rayon pool; call once, before any parallel work.
@@ -57,6 +64,28 @@ pub fn load_model(args: &ModelArgs) -> Result<Model> {
         start.elapsed().as_secs_f64() * 1e3
     );
     Ok(model)
+}
+
+/// The `--adapter` stack for `model`, or None without adapters.
+pub fn load_adapters(args: &ModelArgs, model: &Model) -> Result<Option<AdapterStack>> {
+    if args.adapter.is_empty() {
+        return Ok(None);
+    }
+    let mut layers = Vec::new();
+    for arg in &args.adapter {
+        let (path, scale) = parse_adapter_arg(arg)?;
+        let start = Instant::now();
+        let adapter = load_adapter(&path, model)?;
+        tracing::info!(
+            "adapter {} ({} tensors, {} KiB) at scale {scale} loaded in {:.1} ms",
+            path.display(),
+            adapter.len(),
+            adapter.bytes() >> 10,
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        layers.push((Arc::new(adapter), scale));
+    }
+    Ok(Some(AdapterStack::new(layers)))
 }
 
 /// The tokenizer for a model: `--tokenizer` if given (tokenizer.json, llama2.c

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use graft_runtime::kv_cache::KvType;
-use graft_runtime::model::sequence_batch;
+use graft_runtime::model::{sequence_batch, BatchDeltas, Scratch};
 
-use crate::common::{init_threads, load_model, ModelArgs};
+use crate::common::{init_threads, load_adapters, load_model, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
@@ -36,6 +36,7 @@ pub struct LogitsArgs {
 pub fn run(args: &LogitsArgs) -> Result<()> {
     init_threads(args.model.threads)?;
     let model = load_model(&args.model)?;
+    let adapters = load_adapters(&args.model, &model)?;
     let tokens: Vec<u32> = match (&args.tokens, &args.prompt) {
         (Some(t), _) => t.clone(),
         (None, Some(p)) => {
@@ -48,7 +49,12 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
     }
     let c = &model.config;
     let mut cache = model.new_cache(tokens.len(), KvType::F16);
-    let logits = model.forward(&sequence_batch(&tokens, 0, 0, true), &mut cache)?;
+    let batch = sequence_batch(&tokens, 0, 0, true);
+    let deltas = adapters
+        .as_ref()
+        .map(|a| BatchDeltas::uniform(a, batch.len()));
+    let logits =
+        model.forward_adapted(&batch, &mut cache, &mut Scratch::default(), deltas.as_ref())?;
 
     let token_bytes: Vec<u8> = tokens
         .iter()

@@ -5,11 +5,12 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use graft_runtime::chat::ChatMessage;
-use graft_runtime::generate::{generate, GenerateParams};
+use graft_runtime::generate::{generate_adapted, GenerateParams};
 use graft_runtime::kv_cache::KvType;
 use graft_runtime::sampling::SamplingParams;
 
-use crate::common::{init_threads, load_model, load_tokenizer, ModelArgs};
+use crate::common::{init_threads, load_adapters, load_model, load_tokenizer, ModelArgs};
+use graft_adapters::LinearDelta;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -63,6 +64,7 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<()> {
     init_threads(args.model.threads)?;
     let model = load_model(&args.model)?;
+    let adapters = load_adapters(&args.model, &model)?;
     let tokenizer = load_tokenizer(&args.model, &model)?;
     let mut add_bos = !args.no_bos;
     let (text, parse_special) = if args.chat {
@@ -104,7 +106,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         },
     };
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&model, &tokenizer, &prompt, &params, |piece| {
+    let delta = adapters.as_ref().map(|a| a as &dyn LinearDelta);
+    let out = generate_adapted(&model, &tokenizer, &prompt, &params, delta, |piece| {
         // A closed stdout (piped into `head`) ends generation quietly.
         stdout
             .write_all(piece.as_bytes())

@@ -1,6 +1,6 @@
 //! Errors of adapter loading, validation and application.
 
-use graft_quant::QuantError;
+use graft_quant::{GgmlType, QuantError};
 use graft_runtime::gguf::GgufError;
 use graft_runtime::model::ModelError;
 use graft_runtime::safetensors::SafetensorsError;
@@ -37,6 +37,12 @@ pub enum AdapterError {
     },
     #[error("{context}: {source}")]
     Quant { context: String, source: QuantError },
+    /// In-memory merging met a quantized base weight (nothing was changed).
+    #[error("tensor {tensor}: base weight is {ty}; in-memory merging needs a float base (F32, F16 or BF16): write a merged model with `graft merge` instead (dequantize, add, requantize)")]
+    QuantizedBase { tensor: String, ty: GgmlType },
+    /// Merging or unmerging cannot proceed (wrong model, mismatched adapter).
+    #[error("merge: {0}")]
+    Merge(String),
     /// Registry operations (unknown name, lost compare-and-set, budget).
     #[error("adapter registry: {0}")]
     Registry(String),

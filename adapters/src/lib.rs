@@ -5,14 +5,18 @@
 //!   the runtime's `LinearDelta`, so a forward step can mix them per sequence.
 //! - [`gguf_lora`], [`peft`]: LoRA loaders (llama.cpp GGUF LoRA, Hugging Face PEFT
 //!   LoRA/DoRA); [`load_adapter`] picks one from the path.
+//! - [`merge`]: adapters merged into float weights in memory (undoable), or into a new
+//!   GGUF file for any base type.
 
 pub mod delta;
 pub mod error;
 pub mod gguf_lora;
 pub mod load;
+pub mod merge;
 pub mod peft;
 
 pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
 pub use error::{AdapterError, Result};
 pub use graft_runtime::model::{BatchDeltas, LinearDelta, Proj};
 pub use load::{load_adapter, parse_adapter_arg};
+pub use merge::{merge_into, merge_to_gguf, unmerge, MergeRecord, MergeReport, OutType};

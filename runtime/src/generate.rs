@@ -4,7 +4,9 @@
 use std::time::Instant;
 
 use crate::kv_cache::{KvError, KvType};
-use crate::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, ModelError, Scratch};
+use crate::model::{
+    sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, ModelError, Scratch,
+};
 use crate::sampling::{Sampler, SamplingError, SamplingParams, StopChecker};
 use crate::tokenizer::Tokenizer;
 

@@ -4,6 +4,7 @@ mod bench;
 mod common;
 mod inspect;
 mod logits;
+mod merge;
 mod quantize;
 mod run;
 mod tokenize;
@@ -34,6 +35,9 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Print the token ids of a text as a JSON list.
     Tokenize(tokenize::TokenizeArgs),
+    /// Merge adapters (--adapter PATH[:SCALE], repeatable) into a GGUF base and write a
+    /// new GGUF model.
+    Merge(merge::MergeArgs),
     /// Measure prompt processing (pp) and generation (tg) speed like llama-bench; prints one JSON line.
     Bench(bench::BenchArgs),
     /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Logits(args) => logits::run(&args),
+        Command::Merge(args) => merge::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),
         Command::Quantize {

@@ -39,7 +39,7 @@ pub enum AdapterError {
     Quant { context: String, source: QuantError },
     /// Registry operations (unknown name, lost compare-and-set, budget).
     #[error("adapter registry: {0}")]
-    Registry(String),
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 pub type Result<T, E = AdapterError> = std::result::Result<T, E>;

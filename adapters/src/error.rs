@@ -45,7 +45,7 @@ pub enum AdapterError {
     Merge(String),
     /// Registry operations (unknown name, lost compare-and-set, budget).
     #[error("adapter registry: {0}")]
-    Registry(String),
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 pub type Result<T, E = AdapterError> = std::result::Result<T, E>;

@@ -7,6 +7,8 @@
 //!   LoRA/DoRA); [`load_adapter`] picks one from the path.
 //! - [`merge`]: adapters merged into float weights in memory (undoable), or into a new
 //!   GGUF file for any base type.
+//! - [`registry`]: named adapters loaded, replaced (compare-and-set on a generation)
+//!   and evicted (LRU under count and byte limits) at runtime from any thread.
 
 pub mod delta;
 pub mod error;
@@ -14,9 +16,11 @@ pub mod gguf_lora;
 pub mod load;
 pub mod merge;
 pub mod peft;
+pub mod registry;
 
 pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
 pub use error::{AdapterError, Result};
 pub use graft_runtime::model::{BatchDeltas, LinearDelta, Proj};
 pub use load::{load_adapter, parse_adapter_arg};
 pub use merge::{merge_into, merge_to_gguf, unmerge, MergeRecord, MergeReport, OutType};
+pub use registry::{AdapterHandle, Generation, Registry, RegistryError, RegistryLimits};

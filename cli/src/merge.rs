@@ -47,8 +47,8 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     let start = Instant::now();
     // The model is loaded (zero-copy) so every adapter is validated against it first.
     let model = load_model(&args.model)?;
-    let stack = load_adapters(&args.model, &model)?
-        .ok_or_else(|| anyhow!("no adapters to merge"))?;
+    let stack =
+        load_adapters(&args.model, &model)?.ok_or_else(|| anyhow!("no adapters to merge"))?;
     drop(model);
     let report = merge_to_gguf(&args.model.model, &stack, out_type, &args.out)?;
     for t in report.fallbacks() {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use clap::Args;
-use graft_adapters::{load_adapter, parse_adapter_arg, AdapterStack};
+use graft_adapters::{load_adapter, parse_adapter_arg, AdapterStack, Registry, RegistryLimits};
 use graft_runtime::kv_cache::KvType;
 use graft_runtime::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, Scratch};
 use serde_json::json;
@@ -109,21 +109,25 @@ fn measure(reps: usize, n: usize, mut run: impl FnMut(u64) -> Result<f64>) -> Re
     Ok((rates[rates.len() / 2], var.sqrt()))
 }
 
-/// Median time from the first --adapter file on disk to an adapter ready to apply.
+/// Median time from the first --adapter file on disk to an adapter usable from a
+/// registry (loaded, validated against the model, inserted).
 fn adapter_load_ms(args: &ModelArgs, model: &Model, reps: usize) -> Result<f64> {
     let Some(first) = args.adapter.first() else {
         return Ok(0.0);
     };
     let (path, _) = parse_adapter_arg(first)?;
-    let (ms, _) = measure(reps, 1, |_| {
+    let registry = Registry::new(RegistryLimits::default());
+    let (rate, _) = measure(reps, 1, |_| {
         let start = Instant::now();
-        let adapter = load_adapter(&path, model)?;
+        registry.load_file("bench", &path, model, load_adapter)?;
+        let handle = registry.get("bench");
         let secs = start.elapsed().as_secs_f64();
-        drop(adapter);
+        drop(handle);
+        registry.unload("bench")?;
         Ok(secs)
     })?;
-    // measure reports a rate (1 / seconds)
-    Ok(1e3 / ms)
+    // measure reports a rate: loads per second
+    Ok(1e3 / rate)
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {

@@ -335,6 +335,11 @@ fn st_message(e: &SafeTensorError) -> String {
     }
 }
 
+/// A metadata value for an error message.
+fn shown(v: Option<&str>) -> String {
+    v.map_or_else(|| "(missing)".to_owned(), |v| format!("{v:?}"))
+}
+
 fn parse_f32(file: &str, key: &str, text: &str, nonneg: bool) -> Result<f32> {
     match text.trim().parse::<f32>() {
         Ok(v) if v.is_finite() && (!nonneg || v >= 0.0) => Ok(v),
@@ -391,7 +396,7 @@ fn parse(
         found => {
             return Err(AdapterError::invalid(
                 file,
-                format!("metadata format = {found:?}, expected {FORMAT:?}"),
+                format!("metadata format = {}, expected {FORMAT:?}", shown(found)),
             ))
         }
     }
@@ -400,7 +405,7 @@ fn parse(
         found => {
             return Err(AdapterError::invalid(
                 file,
-                format!("metadata version = {found:?}, expected {VERSION:?}"),
+                format!("metadata version = {}, expected {VERSION:?}", shown(found)),
             ))
         }
     }
@@ -410,7 +415,10 @@ fn parse(
         found => {
             return Err(AdapterError::invalid(
                 file,
-                format!("metadata architecture = {found:?}, expected {arch:?} (the base model's)"),
+                format!(
+                    "metadata architecture = {}, expected {arch:?} (the base model's)",
+                    shown(found)
+                ),
             ))
         }
     }

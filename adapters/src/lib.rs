@@ -9,7 +9,10 @@
 //!   GGUF file for any base type.
 //! - [`registry`]: named adapters loaded, replaced (compare-and-set on a generation)
 //!   and evicted (LRU under count and byte limits) at runtime from any thread.
+//! - [`sara`]: SaRA sparse-delta files (graft's safetensors layout).
+//! - [`combine`]: merging several adapters into one (linear, TIES, DARE, PCB).
 
+pub mod combine;
 pub mod delta;
 pub mod error;
 pub mod gguf_lora;
@@ -17,6 +20,7 @@ pub mod load;
 pub mod merge;
 pub mod peft;
 pub mod registry;
+pub mod sara;
 
 pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
 pub use error::{AdapterError, Result};

@@ -7,10 +7,11 @@ use graft_runtime::model::Model;
 
 use crate::delta::Adapter;
 use crate::error::{AdapterError, Result};
-use crate::{gguf_lora, peft};
+use crate::{gguf_lora, peft, sara};
 
 /// Loads the adapter at `path` for `model`: a directory is a PEFT checkpoint, a file
-/// starting with the GGUF magic a llama.cpp GGUF LoRA.
+/// starting with the GGUF magic a llama.cpp GGUF LoRA, a `.safetensors` file a SaRA
+/// sparse delta.
 pub fn load_adapter(path: &Path, model: &Model) -> Result<Adapter> {
     let name = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|source| AdapterError::Io {
@@ -24,11 +25,7 @@ pub fn load_adapter(path: &Path, model: &Model) -> Result<Adapter> {
         return gguf_lora::load(path, model);
     }
     if path.extension().is_some_and(|e| e == "safetensors") {
-        return Err(AdapterError::invalid(
-            name,
-            "a .safetensors file is a SaRA sparse adapter, loaded by sara::load \
-             (a PEFT LoRA is a directory with adapter_config.json)",
-        ));
+        return sara::load(path, model);
     }
     Err(AdapterError::invalid(
         name,

@@ -5,6 +5,7 @@ mod common;
 mod inspect;
 mod logits;
 mod merge;
+mod merge_adapters;
 mod quantize;
 mod run;
 mod tokenize;
@@ -38,6 +39,9 @@ enum Command {
     /// Merge adapters (--adapter PATH[:SCALE], repeatable) into a GGUF base and write a
     /// new GGUF model.
     Merge(merge::MergeArgs),
+    /// Combine several adapters into one sparse delta (linear, TIES, DARE, DAREx-q, PCB),
+    /// written as a SaRA .safetensors file usable with --adapter.
+    MergeAdapters(merge_adapters::MergeAdaptersArgs),
     /// Measure prompt processing (pp) and generation (tg) speed like llama-bench; prints one JSON line.
     Bench(bench::BenchArgs),
     /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::MergeAdapters(args) => merge_adapters::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),
         Command::Quantize {

@@ -73,9 +73,9 @@ pub fn from_file(file: &Arc<GgufFile>, config: &ModelConfig) -> Result<Adapter> 
         )));
     }
 
-    // (layer, proj) -> (a, b), in file order of first appearance.
-    let mut pairs: BTreeMap<(usize, Proj), (Option<&TensorInfo>, Option<&TensorInfo>)> =
-        BTreeMap::new();
+    // (layer, proj) -> (lora_a, lora_b).
+    type Pair<'f> = (Option<&'f TensorInfo>, Option<&'f TensorInfo>);
+    let mut pairs: BTreeMap<(usize, Proj), Pair> = BTreeMap::new();
     for t in file.tensors() {
         let (base, is_a) = if let Some(b) = t.name.strip_suffix(SUFFIX_A) {
             (b, true)

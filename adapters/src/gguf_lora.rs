@@ -22,6 +22,7 @@ use crate::error::{AdapterError, Result};
 pub const KEY_GENERAL_TYPE: &str = "general.type";
 pub const KEY_ADAPTER_TYPE: &str = "adapter.type";
 pub const KEY_LORA_ALPHA: &str = "adapter.lora.alpha";
+pub const KEY_ALORA_INVOCATION: &str = "adapter.alora.invocation_tokens";
 
 const SUFFIX_A: &str = ".lora_a";
 const SUFFIX_B: &str = ".lora_b";
@@ -63,6 +64,13 @@ pub fn from_file(file: &Arc<GgufFile>, config: &ModelConfig) -> Result<Adapter> 
         return Err(invalid(format!(
             "adapter is for architecture {arch:?}, but the base model is {:?}",
             config.arch.name()
+        )));
+    }
+    // An activated LoRA applies only after its invocation tokens; applying it to every
+    // token would silently give other outputs.
+    if file.get(KEY_ALORA_INVOCATION).is_some() {
+        return Err(invalid(format!(
+            "{KEY_ALORA_INVOCATION} is set: activated LoRAs (aLoRA) are not supported"
         )));
     }
     // llama.cpp reads a missing alpha as 0, which means "scale 1".

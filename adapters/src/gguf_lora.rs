@@ -22,6 +22,7 @@ use crate::error::{AdapterError, Result};
 pub const KEY_GENERAL_TYPE: &str = "general.type";
 pub const KEY_ADAPTER_TYPE: &str = "adapter.type";
 pub const KEY_LORA_ALPHA: &str = "adapter.lora.alpha";
+pub const KEY_ALORA_INVOCATION: &str = "adapter.alora.invocation_tokens";
 
 const SUFFIX_A: &str = ".lora_a";
 const SUFFIX_B: &str = ".lora_b";
@@ -65,6 +66,13 @@ pub fn from_file(file: &Arc<GgufFile>, config: &ModelConfig) -> Result<Adapter> 
             config.arch.name()
         )));
     }
+    // An activated LoRA applies only after its invocation tokens; applying it to every
+    // token would silently give other outputs.
+    if file.get(KEY_ALORA_INVOCATION).is_some() {
+        return Err(invalid(format!(
+            "{KEY_ALORA_INVOCATION} is set: activated LoRAs (aLoRA) are not supported"
+        )));
+    }
     // llama.cpp reads a missing alpha as 0, which means "scale 1".
     let alpha = file.get_f32_opt(KEY_LORA_ALPHA)?.unwrap_or(0.0);
     if !alpha.is_finite() || alpha < 0.0 {
@@ -73,9 +81,9 @@ pub fn from_file(file: &Arc<GgufFile>, config: &ModelConfig) -> Result<Adapter> 
         )));
     }
 
-    // (layer, proj) -> (a, b), in file order of first appearance.
-    let mut pairs: BTreeMap<(usize, Proj), (Option<&TensorInfo>, Option<&TensorInfo>)> =
-        BTreeMap::new();
+    // (layer, proj) -> (lora_a, lora_b).
+    type Pair<'f> = (Option<&'f TensorInfo>, Option<&'f TensorInfo>);
+    let mut pairs: BTreeMap<(usize, Proj), Pair> = BTreeMap::new();
     for t in file.tensors() {
         let (base, is_a) = if let Some(b) = t.name.strip_suffix(SUFFIX_A) {
             (b, true)

@@ -895,7 +895,12 @@ fn dora_factor(
     let av = a.to_f32().map_err(|e| format!("lora_A: {e}"))?;
     let bv = b.to_f32().map_err(|e| format!("lora_B: {e}"))?;
     let (r, cols, rows) = (a.rows, a.cols, b.rows);
-    if w.rows != rows || w.cols != cols || m.len() != rows || bv.len() != rows * r {
+    if w.rows != rows
+        || w.cols != cols
+        || m.len() != rows
+        || bv.len() != rows * r
+        || av.len() != r * cols
+    {
         return Err(format!(
             "base weight is {}x{}, delta {rows}x{cols}, magnitude {}",
             w.rows,

@@ -87,8 +87,8 @@ pub fn run(args: &MergeAdaptersArgs) -> Result<()> {
     crate::common::init_threads(args.model.threads)?;
     let start = Instant::now();
     let model = load_model(&args.model)?;
-    let stack = load_adapters(&args.model, &model)?
-        .ok_or_else(|| anyhow!("no adapters to merge"))?;
+    let stack =
+        load_adapters(&args.model, &model)?.ok_or_else(|| anyhow!("no adapters to merge"))?;
     let inputs: Vec<_> = stack.layers.iter().map(|(a, w)| (&**a, *w)).collect();
     let merged = combine(&inputs, &method, &model.config)?;
     sara::save(&merged, &SaraMeta::new(model.config.arch), &args.out)?;

@@ -98,7 +98,7 @@ fn logits_with_an_adapter_match_llama_cpp_and_merge_matches_unmerged() {
     let base = logits(&model, &[], &tokens, &dir.join("base.safetensors"));
     let with_gguf = logits(
         &model,
-        &[gguf_arg.clone()],
+        std::slice::from_ref(&gguf_arg),
         &tokens,
         &dir.join("g.safetensors"),
     );

@@ -370,9 +370,26 @@ pub fn projection_shape(c: &ModelConfig, proj: Proj) -> (usize, usize) {
     }
 }
 
+impl TensorDelta {
+    /// Whether applying it only adds a term independent of the base output.
+    pub fn is_additive(&self) -> bool {
+        !matches!(
+            self,
+            TensorDelta::Lora(LoraDelta {
+                dora_factor: Some(_),
+                ..
+            })
+        )
+    }
+}
+
 impl LinearDelta for Adapter {
     fn touches(&self, layer: usize, proj: Proj) -> bool {
         self.get(layer, proj).is_some()
+    }
+
+    fn is_additive(&self, layer: usize, proj: Proj) -> bool {
+        self.get(layer, proj).is_none_or(TensorDelta::is_additive)
     }
 
     fn apply(
@@ -417,6 +434,12 @@ impl LinearDelta for AdapterStack {
         self.layers
             .iter()
             .any(|(a, s)| *s != 0.0 && a.touches(layer, proj))
+    }
+
+    fn is_additive(&self, layer: usize, proj: Proj) -> bool {
+        self.layers
+            .iter()
+            .all(|(a, s)| *s == 0.0 || a.is_additive(layer, proj))
     }
 
     /// Applies each member in order; additive deltas commute, a DoRA member also

@@ -108,6 +108,13 @@ pub trait LinearDelta: Send + Sync {
     /// skips gathering rows for projections no delta touches.
     fn touches(&self, layer: usize, proj: Proj) -> bool;
 
+    /// Whether `apply` at (layer, proj) only adds a term that does not depend on `y`
+    /// (LoRA, sparse deltas; not DoRA). The forward pass may then compute that term
+    /// on a zeroed buffer while the base matmul runs, and add it afterwards.
+    fn is_additive(&self, _layer: usize, _proj: Proj) -> bool {
+        false
+    }
+
     /// `x` holds `n` input rows of the projection, `y` the same `n` rows of the base
     /// output `W x` (before any bias); the delta updates `y` in place (adds
     /// `s * B A x` for LoRA, rescales rows for DoRA).
@@ -160,6 +167,16 @@ impl<'a> BatchDeltas<'a> {
             groups: vec![(delta, (0..n_tokens).collect())],
             n_tokens,
         }
+    }
+
+    /// Whether any delta of the batch changes (layer, proj).
+    pub fn touches(&self, layer: usize, proj: Proj) -> bool {
+        self.groups.iter().any(|(d, _)| d.touches(layer, proj))
+    }
+
+    /// Whether every delta of the batch is additive at (layer, proj).
+    pub fn is_additive(&self, layer: usize, proj: Proj) -> bool {
+        self.groups.iter().all(|(d, _)| d.is_additive(layer, proj))
     }
 
     /// The number of batch tokens this was built for.

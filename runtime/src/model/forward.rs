@@ -107,7 +107,8 @@ struct Site<'a> {
 }
 
 /// A base projection of a layer followed by its deltas (inside the same parallel
-/// branch, so the adapter work of q/k/v or gate/up overlaps too).
+/// branch, so the adapter work of q/k/v or gate/up overlaps too). For small batches
+/// an additive delta term is computed concurrently with the base matmul.
 fn project(
     site: Site,
     proj: Proj,
@@ -116,8 +117,30 @@ fn project(
     n: usize,
     y: &mut [f32],
 ) -> Result<(), ModelError> {
-    linear(w, x, n, y)?;
-    apply_deltas(site.deltas, (site.layer, proj), x, w.cols, y, w.rows)
+    let layer = site.layer;
+    let Some(deltas) = site.deltas.filter(|d| d.touches(layer, proj)) else {
+        return linear(w, x, n, y);
+    };
+    if !deltas.is_additive(layer, proj) {
+        linear(w, x, n, y)?;
+        return apply_deltas(Some(deltas), (layer, proj), x, w.cols, y, w.rows);
+    }
+    // The term is always summed apart and added last, so a sequence gets the same
+    // rounding whatever the batch around it.
+    let mut term = vec![0f32; y.len()];
+    let delta_term =
+        |term: &mut [f32]| apply_deltas(Some(deltas), (layer, proj), x, w.cols, term, w.rows);
+    if n > JOIN_MAX_TOKENS {
+        linear(w, x, n, y)?;
+        delta_term(&mut term)?;
+    } else {
+        let (rb, rd) = rayon::join(|| linear(w, x, n, y), || delta_term(&mut term));
+        rb.and(rd)?;
+    }
+    for (v, t) in y.iter_mut().zip(&term) {
+        *v += t;
+    }
+    Ok(())
 }
 
 /// Batches up to this size run independent projections of one input concurrently:

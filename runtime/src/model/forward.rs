@@ -126,11 +126,13 @@ fn project(
         return apply_deltas(Some(deltas), (layer, proj), x, w.cols, y, w.rows);
     }
     // The term is always summed apart and added last, so a sequence gets the same
-    // rounding whatever the batch around it.
+    // rounding whatever the batch around it. Only o and down overlap it with the base
+    // matmul: q/k/v and gate/up already run in parallel branches, where one more
+    // fork-join cost more than it saved (paired decode runs, smollm2-135m Q4_0).
     let mut term = vec![0f32; y.len()];
     let delta_term =
         |term: &mut [f32]| apply_deltas(Some(deltas), (layer, proj), x, w.cols, term, w.rows);
-    if n > JOIN_MAX_TOKENS {
+    if n > JOIN_MAX_TOKENS || !matches!(proj, Proj::O | Proj::Down) {
         linear(w, x, n, y)?;
         delta_term(&mut term)?;
     } else {

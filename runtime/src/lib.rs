@@ -10,4 +10,5 @@ pub mod model;
 pub mod quantize;
 pub mod safetensors;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;

@@ -449,3 +449,186 @@ fn finish(s: &mut Sequence, reason: FinishReason) -> Event {
         completion_tokens: s.generated(),
     }
 }
+
+/// Messages from [`EngineHandle`]s to the engine thread.
+enum Command {
+    Submit {
+        req: Request,
+        events: std::sync::mpsc::Sender<Event>,
+        reply: std::sync::mpsc::Sender<Result<RequestId, EngineError>>,
+    },
+    Cancel(RequestId),
+    Shutdown,
+}
+
+/// An [`Engine`] on a thread of its own, shared by any number of callers: each
+/// submitted request gets a channel that receives its events, ending with `Done`.
+/// Dropping a request's receiver cancels it at the next step (a client went away).
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: std::sync::mpsc::Sender<Command>,
+}
+
+/// Joins the engine thread when the last owner drops it.
+pub struct EngineThread {
+    handle: EngineHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// Starts the engine thread over `model` with `cache`.
+    pub fn spawn(
+        model: Arc<Model>,
+        tokenizer: Arc<Tokenizer>,
+        cache: KvCache,
+        config: EngineConfig,
+    ) -> std::io::Result<EngineThread> {
+        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let thread = std::thread::Builder::new()
+            .name("graft-engine".into())
+            .spawn(move || engine_loop(&model, &tokenizer, cache, config, rx))?;
+        Ok(EngineThread {
+            handle: EngineHandle { commands: tx },
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Finishes every accepted request, then stops the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.handle.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl EngineHandle {
+    /// Queues `req`; its events arrive on the returned receiver.
+    pub fn submit(
+        &self,
+        req: Request,
+    ) -> Result<(RequestId, std::sync::mpsc::Receiver<Event>), HandleError> {
+        let (events, rx) = std::sync::mpsc::channel();
+        let (reply, reply_rx) = std::sync::mpsc::channel();
+        self.commands
+            .send(Command::Submit { req, events, reply })
+            .map_err(|_| HandleError::Stopped)?;
+        let id = reply_rx.recv().map_err(|_| HandleError::Stopped)??;
+        Ok((id, rx))
+    }
+
+    /// Cancels a request (its receiver gets `Done` with finish `Cancelled`).
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Cancel(id));
+    }
+}
+
+fn engine_loop(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    cache: KvCache,
+    config: EngineConfig,
+    rx: std::sync::mpsc::Receiver<Command>,
+) {
+    use std::collections::HashMap;
+    use std::sync::mpsc::{RecvTimeoutError, Sender, TryRecvError};
+
+    let mut engine = Engine::new(model, tokenizer, cache, config);
+    let mut senders: HashMap<RequestId, Sender<Event>> = HashMap::new();
+    let mut shutting_down = false;
+    let handle = |engine: &mut Engine,
+                  senders: &mut HashMap<RequestId, Sender<Event>>,
+                  cmd: Command,
+                  shutting_down: &mut bool| match cmd {
+        Command::Submit { req, events, reply } => {
+            let r = if *shutting_down {
+                Err(EngineError::QueueFull(engine.n_waiting()))
+            } else {
+                engine.submit(req)
+            };
+            if let Ok(id) = r {
+                senders.insert(id, events);
+            }
+            let _ = reply.send(r);
+        }
+        Command::Cancel(id) => {
+            if let (Some(ev), Some(tx)) = (engine.cancel(id), senders.remove(&id)) {
+                let _ = tx.send(ev);
+            }
+        }
+        Command::Shutdown => *shutting_down = true,
+    };
+    loop {
+        // Idle: block for work; busy: take what arrived and keep stepping.
+        if engine.is_idle() {
+            if shutting_down {
+                return;
+            }
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(cmd) => handle(&mut engine, &mut senders, cmd, &mut shutting_down),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => handle(&mut engine, &mut senders, cmd, &mut shutting_down),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    shutting_down = true;
+                    break;
+                }
+            }
+        }
+        let events = match engine.step() {
+            Ok(ev) => ev,
+            Err(e) => {
+                // A failed step cannot be attributed to one request: end them all.
+                tracing::error!("engine step failed: {e}");
+                let ids: Vec<RequestId> = senders.keys().copied().collect();
+                for id in ids {
+                    if let (Some(ev), Some(tx)) = (engine.cancel(id), senders.remove(&id)) {
+                        let _ = tx.send(ev);
+                    }
+                }
+                continue;
+            }
+        };
+        for ev in events {
+            let (id, done) = match &ev {
+                Event::Token { id, .. } => (*id, false),
+                Event::Done { id, .. } => (*id, true),
+            };
+            let gone = senders.get(&id).is_none_or(|tx| tx.send(ev).is_err());
+            if done {
+                senders.remove(&id);
+            } else if gone {
+                // The receiver was dropped: the client is gone.
+                engine.cancel(id);
+                senders.remove(&id);
+            }
+        }
+    }
+}

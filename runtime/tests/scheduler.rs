@@ -260,3 +260,63 @@ fn cancel_backpressure_and_limits() {
     assert!(!got.contains_key(&a));
     assert_eq!(engine.cache().free_blocks(), total);
 }
+
+#[test]
+fn engine_thread_serves_concurrent_clients_exactly() {
+    let (model, tok) = load();
+    let (model, tok) = (Arc::new(model), Arc::new(tok));
+    let reqs = requests(&tok, &SamplingParams::greedy());
+    let wants: Vec<(Vec<u32>, String)> = reqs.iter().map(|r| alone(&model, &tok, r)).collect();
+    let engine = graft_runtime::scheduler::EngineThread::spawn(
+        model.clone(),
+        tok.clone(),
+        model.new_cache(2048, KvType::F16),
+        EngineConfig::default(),
+    )
+    .unwrap();
+    let clients: Vec<_> = reqs
+        .into_iter()
+        .map(|r| {
+            let h = engine.handle();
+            std::thread::spawn(move || {
+                let (id, rx) = h.submit(r).unwrap();
+                let events: Vec<Event> = rx.iter().collect();
+                collect(&events).remove(&id).unwrap()
+            })
+        })
+        .collect();
+    for (c, want) in clients.into_iter().zip(&wants) {
+        let (tokens, text, finish) = c.join().unwrap();
+        assert_eq!((&tokens, &text), (&want.0, &want.1));
+        assert_eq!(finish, FinishReason::Length);
+    }
+
+    // A client that goes away is cancelled; the engine keeps serving others.
+    let h = engine.handle();
+    let prompt = tok.encode("Hello", true, false);
+    let long = Request {
+        prompt: prompt.clone(),
+        params: params(200, SamplingParams::greedy()),
+        delta: None,
+    };
+    let (_, rx) = h.submit(long).unwrap();
+    rx.recv().unwrap();
+    drop(rx);
+    let (id, rx) = h
+        .submit(Request {
+            prompt,
+            params: params(3, SamplingParams::greedy()),
+            delta: None,
+        })
+        .unwrap();
+    let got = collect(&rx.iter().collect::<Vec<_>>());
+    assert_eq!(got[&id].0.len(), 3);
+    engine.shutdown();
+    assert!(h
+        .submit(Request {
+            prompt: vec![1],
+            params: params(1, SamplingParams::greedy()),
+            delta: None,
+        })
+        .is_err());
+}

@@ -418,12 +418,14 @@ pub unsafe extern "C" fn graft_model_load(
         let model = Model::load(&PathBuf::from(path), None)?;
         let tokenizer = match &model.gguf {
             Some(g) => Tokenizer::from_gguf(g)?,
-            None => return Err(Error::new(
-                GRAFT_ERR_UNSUPPORTED,
-                format!(
+            None => {
+                return Err(Error::new(
+                    GRAFT_ERR_UNSUPPORTED,
+                    format!(
                     "{path}: the C API needs a GGUF model (its tokenizer is read from the file)"
                 ),
-            )),
+                ))
+            }
         };
         let inner = ModelInner {
             model,
@@ -581,8 +583,28 @@ pub unsafe extern "C" fn graft_detokenize(
 // Adapters (per model; thread-safe)
 // ---------------------------------------------------------------------------------
 
+/// Whether `path` is a GGUF file made for an architecture other than `arch`: the
+/// loader reports that as an invalid file, the C API as an incompatible adapter.
+fn other_architecture(path: &std::path::Path, arch: &str) -> bool {
+    if !graft_runtime::gguf::has_gguf_magic(path) {
+        return false;
+    }
+    graft_runtime::gguf::GgufFile::open(path)
+        .ok()
+        .and_then(|f| f.architecture().ok().map(|a| a != arch))
+        .unwrap_or(false)
+}
+
 fn load_checked(m: &ModelInner, path: &str) -> Result<graft_adapters::Adapter> {
-    let adapter = m.run(|| load_adapter(&PathBuf::from(path), &m.model))?;
+    let p = PathBuf::from(path);
+    let adapter = m.run(|| load_adapter(&p, &m.model)).map_err(|e| {
+        let wrong_arch = other_architecture(&p, m.model.config.arch.name());
+        let mut err = Error::from(e);
+        if wrong_arch {
+            err.status = GRAFT_ERR_INCOMPATIBLE;
+        }
+        err
+    })?;
     if adapter.n_layer() != m.model.config.n_layer {
         return Err(Error::new(
             GRAFT_ERR_INCOMPATIBLE,

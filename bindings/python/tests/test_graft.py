@@ -61,7 +61,7 @@ def graft_cli(*args, check=True):
 
 def graft_run(model, prompt, adapters=(), n=N):
     """stdout of `graft run --temp 0`, without the newline it prints at the end."""
-    args = ["run", "-m", model, "-p", prompt, "--temp", "0", "-n", n, "-t", "2"]
+    args = ["run", "-m", model, "-p", prompt, "--temp", "0", "-n", n]
     for path, scale in adapters:
         args += ["--adapter", f"{path}:{scale}"]
     out = graft_cli(*args).stdout
@@ -83,7 +83,7 @@ _models = {}
 
 def load(name):
     if name not in _models:
-        _models[name] = graft.Model(str(model_path(name)), threads=2)
+        _models[name] = graft.Model(str(model_path(name)))
     return _models[name]
 
 
@@ -245,7 +245,7 @@ def test_logits_equal_graft_logits(name, tmp_path):
         out = tmp_path / "logits.safetensors"
         graft_cli(
             "logits", "-m", model_path(name), "--tokens", ",".join(map(str, tokens)),
-            "-o", out, "-t", "2", *extra,
+            "-o", out, *extra,
         )
         want = load_file(str(out))
         got = m.logits(tokens, adapters=adapters)
@@ -365,3 +365,7 @@ def test_argument_errors_are_python_errors():
         m.generate("hi", kv_type="f8")
     with pytest.raises(OverflowError):
         m.logits([-1])
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        graft.Model(str(model_path("llama-gqa-Q8_0")), threads=0)
+    with pytest.raises(TypeError):
+        m.load_adapter("a", 5)

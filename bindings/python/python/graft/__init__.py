@@ -1,0 +1,16 @@
+"""graft: quantized LLM inference with hot-swappable adapters.
+
+    >>> import graft
+    >>> m = graft.Model("model.gguf")
+    >>> m.load_adapter("style", "style-lora.gguf")
+    >>> m.generate("Once upon a time", max_tokens=32, adapters="style")
+    >>> for piece in m.stream("Once upon a time", adapters=[("style", 0.5)]):
+    ...     print(piece, end="", flush=True)
+    >>> m.logits(m.tokenize("Hello")).shape   # (n_tokens, n_vocab), float32
+
+Errors reported by graft raise ``graft.GraftError`` with graft's own message.
+"""
+
+from ._graft import Adapter, GraftError, Model, Session, TextStream, __version__
+
+__all__ = ["Adapter", "GraftError", "Model", "Session", "TextStream", "__version__"]

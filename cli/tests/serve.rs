@@ -1010,3 +1010,26 @@ fn queue_full_gets_429_with_retry_after() {
     assert_eq!(v["error"]["code"], "queue_full");
     assert!(headers.iter().any(|(k, _)| k == "retry-after"));
 }
+
+#[test]
+fn sigterm_drains_open_streams_then_exits() {
+    let mut srv = start_with_adapters(&[]);
+    let body = json!({"model": "A", "prompt": "Hello world", "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut want_body = body.clone();
+    want_body["stream"] = json!(false);
+    let want = srv.complete(&want_body);
+    let mut s = srv.stream("/v1/completions", &body);
+    let first = s.next_event().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &srv.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut finish = None;
+    let mut text = piece(&first, false, &mut finish);
+    let (rest, finish) = s.collect(false);
+    text.push_str(&rest);
+    assert_eq!((text.as_str(), finish.as_str()), (want.as_str(), "length"));
+    let exit = srv.child.wait().unwrap();
+    assert!(exit.success(), "graft serve exited with {exit}");
+}

@@ -257,3 +257,35 @@ pub(crate) async fn unload_adapter(
         Err(e) => e.into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confine_keeps_paths_inside_the_root() {
+        let base = std::env::temp_dir().join(format!("graft-confine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("root");
+        std::fs::create_dir_all(root.join("dir")).unwrap();
+        std::fs::write(root.join("a.gguf"), b"x").unwrap();
+        std::fs::write(base.join("secret"), b"x").unwrap();
+        let root = root.canonicalize().unwrap();
+        assert_eq!(confine(&root, "a.gguf").unwrap(), root.join("a.gguf"));
+        let abs = root.join("a.gguf");
+        assert_eq!(confine(&root, abs.to_str().unwrap()).unwrap(), abs);
+        for bad in ["../secret", "dir/../../secret", "/etc/passwd", ""] {
+            assert!(confine(&root, bad).is_err(), "{bad:?} accepted");
+        }
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(base.join("secret"), root.join("link")).unwrap();
+            std::os::unix::fs::symlink(base.join("secret"), root.join("dir/inner")).unwrap();
+            let e = confine(&root, "link").unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code), (403, "path_outside_root"));
+            // A directory whose entries lead out is refused as a whole.
+            assert_eq!(confine(&root, "dir").unwrap_err().code, "path_outside_root");
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

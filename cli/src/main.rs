@@ -8,6 +8,7 @@ mod merge;
 mod merge_adapters;
 mod quantize;
 mod run;
+mod serve;
 mod tokenize;
 
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt; streams the text to stdout and timings to stderr.
     Run(run::RunArgs),
+    /// Serve an OpenAI-compatible HTTP API (completions, chat, adapters loaded and
+    /// unloaded at runtime); prints the bound address on stderr.
+    Serve(serve::ServeArgs),
     /// Write the logits at every position of a prompt to a safetensors file.
     Logits(logits::LogitsArgs),
     /// Print the token ids of a text as a JSON list.
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::MergeAdapters(args) => merge_adapters::run(&args),

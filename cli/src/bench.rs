@@ -13,9 +13,12 @@ use serde_json::json;
 use crate::common::{init_threads, load_adapters, load_model, ModelArgs};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: Option<ModelArgs>,
     /// Prompt tokens processed in one batch (0 skips the test).
     #[arg(long, default_value_t = 512)]
     pub pp: usize,
@@ -35,7 +38,7 @@ pub struct BenchArgs {
     pub per_sequence: bool,
 }
 
-fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     // splitmix64: the bench needs varied ids, not quality randomness
     let mut s = seed;
     (0..n)
@@ -47,6 +50,13 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
             ((z ^ (z >> 31)) % vocab as u64) as u32
         })
         .collect()
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchMode {
+    /// Offline serving throughput (vLLM's `bench throughput`): all requests queued at
+    /// once, run by the continuous-batching engine; prints one JSON line.
+    Throughput(crate::bench_throughput::ThroughputArgs),
 }
 
 /// The delta of each sequence of the batch.
@@ -131,12 +141,20 @@ fn adapter_load_ms(args: &ModelArgs, model: &Model, reps: usize) -> Result<f64> 
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let threads = init_threads(args.model.threads)?;
+    match (&args.mode, &args.model) {
+        (Some(BenchMode::Throughput(t)), _) => crate::bench_throughput::run(t),
+        (None, Some(m)) => run_model(args, m),
+        (None, None) => Err(anyhow!("give --model (see graft bench --help)")),
+    }
+}
+
+fn run_model(args: &BenchArgs, model_args: &ModelArgs) -> Result<()> {
+    let threads = init_threads(model_args.threads)?;
     if args.batch == 0 {
         return Err(anyhow!("--batch must be at least 1"));
     }
-    let model = load_model(&args.model)?;
-    let adapters = load_adapters(&args.model, &model)?;
+    let model = load_model(model_args)?;
+    let adapters = load_adapters(model_args, &model)?;
     // Each adapter alone (per-sequence mode) or the whole stack on every sequence.
     let singles: Vec<AdapterStack> = adapters
         .iter()
@@ -153,17 +171,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let vocab = model.config.n_vocab;
     let mut scratch = Scratch::default();
     let mut out = json!({
-        "model": args.model.model.display().to_string(),
+        "model": model_args.model.display().to_string(),
         "threads": threads,
         "kernel": graft_quant::kernels::level().name(),
         "reps": args.reps,
         "weight_bytes": model.weight_bytes(),
     });
     if let Some(stack) = &adapters {
-        out["adapters"] = json!(args.model.adapter);
+        out["adapters"] = json!(model_args.adapter);
         out["adapter_bytes"] = json!(stack.layers.iter().map(|(a, _)| a.bytes()).sum::<usize>());
         out["per_sequence"] = json!(args.per_sequence);
-        out["adapter_load_ms"] = json!(adapter_load_ms(&args.model, &model, args.reps)?);
+        out["adapter_load_ms"] = json!(adapter_load_ms(model_args, &model, args.reps)?);
     }
     if args.pp > 0 {
         let (mean, sd) = measure(args.reps, args.pp, |seed| {

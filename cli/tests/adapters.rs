@@ -194,3 +194,47 @@ fn bad_adapters_fail_with_one_clear_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--adapter"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_throughput_prints_one_json_line() {
+    let root = conformance();
+    let model = root.join("models/llama-gqa-Q8_0.gguf");
+    let a = root.join("models/llama-gqa-lora-all-r8.gguf");
+    let b = root.join("models/llama-gqa-lora-qv-r4-peft");
+    let o = graft(&[
+        "bench".as_ref(),
+        "throughput".as_ref(),
+        "-m".as_ref(),
+        model.as_os_str(),
+        "--num-prompts".as_ref(),
+        "6".as_ref(),
+        "--input-len".as_ref(),
+        "9".as_ref(),
+        "--output-len".as_ref(),
+        "5".as_ref(),
+        "--adapters".as_ref(),
+        "3".as_ref(),
+        "--adapter".as_ref(),
+        a.as_os_str(),
+        "--adapter".as_ref(),
+        b.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["num_prompts"], 6);
+    assert_eq!(v["adapters"], 3);
+    for key in [
+        "requests_per_s",
+        "tokens_per_s",
+        "output_tokens_per_s",
+        "elapsed_s",
+    ] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    // 6 requests x 5 tokens over 1 + (steps - 1) steps: every token was generated.
+    let out_tok_s = v["output_tokens_per_s"].as_f64().unwrap();
+    let secs = v["elapsed_s"].as_f64().unwrap();
+    assert!((out_tok_s * secs - 30.0).abs() < 1e-6, "{v}");
+}

@@ -1,31 +1,10 @@
 //! End-to-end tests of `--adapter` and `graft merge` against ../shared/conformance.
 
+mod common;
+
+use common::{conformance, graft, tmp_dir};
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn conformance() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
-    assert!(
-        dir.join("models").is_dir(),
-        "conformance suite missing: expected {} (clone graft next to shared/)",
-        dir.display()
-    );
-    dir
-}
-
-fn graft(args: &[&OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft"))
-        .args(args)
-        .output()
-        .expect("run graft")
-}
-
-fn tmp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("graft-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::path::Path;
 
 fn read_f32(path: &Path, name: &str) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap();

@@ -1,33 +1,12 @@
 //! End-to-end tests of the `graft` binary against ../shared/conformance.
 
+mod common;
+
+use common::{conformance, graft, tmp_dir};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use graft_runtime::gguf::GgufFile;
 use graft_runtime::quantize::FileType;
-
-fn conformance() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
-    assert!(
-        dir.join("models").is_dir(),
-        "conformance suite missing: expected {} (clone graft next to shared/)",
-        dir.display()
-    );
-    dir
-}
-
-fn graft(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_graft"))
-        .args(args)
-        .output()
-        .expect("run graft")
-}
-
-fn tmp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("graft-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Every entry of the models folder: GGUF files, HF checkpoints and PEFT adapters.
 fn suite_entries() -> Vec<PathBuf> {

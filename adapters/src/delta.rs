@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use graft_quant::{kernels, GgmlType};
+use graft_quant::kernels;
 use graft_runtime::model::{DeltaError, LinearDelta, ModelConfig, Proj, Weight};
 
 use crate::error::{AdapterError, Result};
@@ -464,10 +464,4 @@ impl LinearDelta for AdapterStack {
 /// The F32 weight of `values` (`rows` x `cols`), for deltas built in memory.
 pub fn f32_weight(rows: usize, cols: usize, values: &[f32]) -> Result<Weight> {
     Weight::from_f32(rows, cols, values).map_err(|e| AdapterError::quant("f32 weight", e))
-}
-
-/// Whether the kernels can multiply by a weight of type `ty` (adapter tensors in any
-/// such type are used as stored).
-pub fn supported_type(ty: GgmlType) -> bool {
-    kernels::supports(ty)
 }

@@ -16,7 +16,7 @@ use graft_quant::GgmlType;
 use graft_runtime::gguf::{GgufFile, GgufValue, GgufWriter, TensorInfo};
 use graft_runtime::model::{Model, ModelConfig, Proj, Weight};
 
-use crate::delta::{supported_type, Adapter, AdapterFormat, LoraDelta, TensorDelta};
+use crate::delta::{Adapter, AdapterFormat, LoraDelta, TensorDelta};
 use crate::error::{AdapterError, Result};
 
 pub const KEY_GENERAL_TYPE: &str = "general.type";
@@ -155,7 +155,7 @@ pub fn from_file(file: &Arc<GgufFile>, config: &ModelConfig) -> Result<Adapter> 
             return Err(AdapterError::tensor(&fname, &b.name, "rank is 0"));
         }
         for t in [a, b] {
-            if !supported_type(t.ty) {
+            if !graft_quant::kernels::supports(t.ty) {
                 return Err(AdapterError::tensor(
                     &fname,
                     &t.name,

@@ -104,7 +104,7 @@ fn generation_run(
 }
 
 /// Tokens per KV cache block (a sequence holds whole blocks).
-const KV_BLOCK: usize = 32;
+pub(crate) const KV_BLOCK: usize = 32;
 
 fn measure(reps: usize, n: usize, mut run: impl FnMut(u64) -> Result<f64>) -> Result<(f64, f64)> {
     run(0)?; // warm-up: page in the weights, fill caches

@@ -14,7 +14,7 @@ use graft_runtime::sampling::SamplingParams;
 use graft_runtime::scheduler::{Engine, EngineConfig, Event, Request};
 use serde_json::json;
 
-use crate::bench::random_tokens;
+use crate::bench::{random_tokens, KV_BLOCK};
 use crate::common::{init_threads, load_model, load_tokenizer, ModelArgs};
 
 #[derive(Args, Debug)]
@@ -65,7 +65,7 @@ pub fn run(args: &ThroughputArgs) -> Result<()> {
         stacks.push(Arc::new(AdapterStack::single(adapter, scale)));
     }
     // Room for every running sequence's whole context.
-    let block = 32;
+    let block = KV_BLOCK;
     let per_seq = (args.input_len + args.output_len + 1).div_ceil(block);
     let running = args.max_running.min(args.num_prompts).max(1);
     let cache = KvCache::new(

@@ -119,8 +119,8 @@ impl Sequence<'_> {
         self.context.len() - self.prompt_len
     }
 
-    /// Whether the last context token still has to be fed (always, once prefilled:
-    /// the newest sampled token).
+    /// Context tokens not in the cache yet: the rest of the prompt during prefill, then
+    /// one (the newest sampled token) per decode step.
     fn pending(&self) -> usize {
         self.context.len() - self.cached
     }

@@ -255,8 +255,9 @@ fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
 
 impl Model {
     /// cos/sin of each rotated pair at `pos`, computed like ggml's rope cache
-    /// (theta advanced by repeated multiplication in f32).
-    fn rope_angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+    /// (theta advanced by repeated multiplication in f32). Training uses the same
+    /// angles so a trained adapter sees exactly the inference positions.
+    pub fn rope_angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
         let c = &self.config;
         let theta_scale = c.rope_base.powf(-2.0 / c.n_rot as f32);
         let freq_scale = match c.rope_scaling {

@@ -1010,3 +1010,109 @@ mod tests {
         );
     }
 }
+
+/// Writes `adapter`'s LoRA deltas as a PEFT checkpoint in `dir` (`adapter_config.json`
+/// + `adapter_model.safetensors`, F32) for a base with `config`: every delta must be
+/// plain LoRA of one rank with scale `alpha / rank` (`alpha / sqrt(rank)` with
+/// `rslora`). For `llama` bases the q/k lora_B rows go back to Hugging Face order.
+pub fn save(
+    adapter: &Adapter,
+    config: &graft_runtime::model::ModelConfig,
+    alpha: f32,
+    rslora: bool,
+    dir: &Path,
+) -> Result<()> {
+    use crate::st_write::{self, StTensor};
+    let dname = dir.display().to_string();
+    let mut tensors = BTreeMap::new();
+    let mut modules: Vec<&str> = Vec::new();
+    let mut rank = None;
+    for (layer, proj, d) in adapter.iter() {
+        let name = proj.gguf_weight(layer);
+        let l = match d {
+            TensorDelta::Lora(l) if l.dora_factor.is_none() => l,
+            _ => {
+                return Err(AdapterError::tensor(
+                    &dname,
+                    name,
+                    "only plain LoRA deltas can be written as PEFT LoRA",
+                ))
+            }
+        };
+        let r = l.rank();
+        if *rank.get_or_insert(r) != r {
+            return Err(AdapterError::tensor(
+                &dname,
+                name,
+                format!("rank {r}, but another delta has rank {}", rank.unwrap_or(0)),
+            ));
+        }
+        let want = if rslora {
+            alpha / (r as f32).sqrt()
+        } else {
+            alpha / r as f32
+        };
+        if (l.scale - want).abs() > 1e-6 * want.abs().max(1.0) {
+            return Err(AdapterError::tensor(
+                &dname,
+                name,
+                format!("scale {}, expected {want} from alpha {alpha}", l.scale),
+            ));
+        }
+        let a = l.a.to_f32().map_err(|e| AdapterError::quant(&name, e))?;
+        let mut b = l.b.to_f32().map_err(|e| AdapterError::quant(&name, e))?;
+        let heads = match (config.arch, proj) {
+            (Arch::Llama, Proj::Q) => Some(config.n_head),
+            (Arch::Llama, Proj::K) => Some(config.n_head_kv),
+            _ => None,
+        };
+        if let Some(h) = heads {
+            b = graft_runtime::hf_config::unpermute_qk_rows(&b, h, r)
+                .map_err(|e| AdapterError::tensor(&dname, &name, e.to_string()))?;
+        }
+        let parent = match proj {
+            Proj::Gate | Proj::Up | Proj::Down => "mlp",
+            _ => "self_attn",
+        };
+        let module = format!(
+            "base_model.model.model.layers.{layer}.{parent}.{}",
+            proj.hf_module()
+        );
+        tensors.insert(
+            format!("{module}.lora_A.weight"),
+            StTensor::f32(vec![r, l.a.cols], &a),
+        );
+        tensors.insert(
+            format!("{module}.lora_B.weight"),
+            StTensor::f32(vec![l.b.rows, r], &b),
+        );
+        if !modules.contains(&proj.hf_module()) {
+            modules.push(proj.hf_module());
+        }
+    }
+    let Some(rank) = rank else {
+        return Err(AdapterError::invalid(&dname, "adapter has no LoRA deltas"));
+    };
+    let cfg = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": rslora,
+        "use_dora": false,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "target_modules": modules,
+        "base_model_name_or_path": null,
+    });
+    std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io {
+        file: dname.clone(),
+        source,
+    })?;
+    let weights = st_write::to_bytes(&BTreeMap::new(), &tensors, &dname)?;
+    st_write::write_atomic(&dir.join(WEIGHTS_FILE), &weights)?;
+    let text = serde_json::to_string_pretty(&cfg)
+        .map_err(|e| AdapterError::invalid(&dname, e.to_string()))?;
+    st_write::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}

@@ -18,6 +18,7 @@ use safetensors::SafeTensors;
 
 use crate::delta::{projection_shape, Adapter, AdapterFormat, SparseDelta, TensorDelta};
 use crate::error::{AdapterError, Result};
+use crate::st_write::{self, StTensor};
 
 /// `__metadata__["format"]` of a SaRA file.
 pub const FORMAT: &str = "graft-sara";
@@ -97,23 +98,8 @@ pub fn from_bytes_with_meta(
 /// Writes the sparse deltas of `adapter` as a SaRA file at `path` (through a temporary
 /// file renamed into place, so a failed save leaves no partial file).
 pub fn save(adapter: &Adapter, meta: &SaraMeta, path: &Path) -> Result<()> {
-    let file = path.display().to_string();
-    let bytes = to_bytes(adapter, meta, &file)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |source| AdapterError::Io {
-        file: file.clone(),
-        source,
-    };
-    std::fs::write(&tmp, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    let bytes = to_bytes(adapter, meta, &path.display().to_string())?;
+    st_write::write_atomic(path, &bytes)
 }
 
 /// The bytes [`save`] writes (`name` stands for the file in errors). Every delta must
@@ -150,9 +136,7 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
     if let Some(t) = meta.theta {
         info.insert("theta".to_owned(), t.to_string());
     }
-    // Tensor name -> (dtype, nnz, little-endian bytes); sorted, so the same adapter
-    // always gives the same bytes.
-    let mut tensors: BTreeMap<String, (&str, usize, Vec<u8>)> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, StTensor> = BTreeMap::new();
     for (layer, proj, delta) in adapter.iter() {
         let weight = proj.gguf_weight(layer);
         let s = match delta {
@@ -189,35 +173,16 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
             format!("{},{}", s.rows, s.cols),
         );
         let nnz = indices.len();
-        let idx: Vec<u8> = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
-        let val: Vec<u8> = s.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.insert(format!("{weight}{IDX_SUFFIX}"), ("U32", nnz, idx));
-        tensors.insert(format!("{weight}{VAL_SUFFIX}"), ("F32", nnz, val));
-    }
-    // The safetensors layout: u64 header length, JSON header (padded with spaces to a
-    // multiple of 8 so the data stays aligned), then the tensors back to back.
-    let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    header.insert("__metadata__".to_owned(), serde_json::json!(info));
-    let mut offset = 0usize;
-    for (tname, (dtype, nnz, bytes)) in &tensors {
-        let end = offset + bytes.len();
-        header.insert(
-            tname.clone(),
-            serde_json::json!({"dtype": dtype, "shape": [nnz], "data_offsets": [offset, end]}),
+        tensors.insert(
+            format!("{weight}{IDX_SUFFIX}"),
+            StTensor::u32(vec![nnz], &indices),
         );
-        offset = end;
+        tensors.insert(
+            format!("{weight}{VAL_SUFFIX}"),
+            StTensor::f32(vec![nnz], &s.values),
+        );
     }
-    let mut json = serde_json::to_string(&header)
-        .map_err(|e| AdapterError::invalid(name, format!("serializing the header: {e}")))?
-        .into_bytes();
-    json.resize(json.len().div_ceil(8) * 8, b' ');
-    let mut out = Vec::with_capacity(8 + json.len() + offset);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for (_, _, bytes) in tensors.values() {
-        out.extend_from_slice(bytes);
-    }
-    Ok(out)
+    st_write::to_bytes(&info, &tensors, name)
 }
 
 /// A sparse delta holding the nonzero entries of a dense `rows` x `cols` delta.

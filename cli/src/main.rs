@@ -11,6 +11,7 @@ mod quantize;
 mod run;
 mod serve;
 mod tokenize;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ enum Command {
     /// Combine several adapters into one sparse delta (linear, TIES, DARE, DAREx-q, PCB),
     /// written as a SaRA .safetensors file usable with --adapter.
     MergeAdapters(merge_adapters::MergeAdaptersArgs),
+    /// Train an adapter (LoRA) or the whole model on the CPU from JSONL or text data,
+    /// with a progress bar and a final JSON report (loss, exact match, speed).
+    Train(train::TrainArgs),
     /// Measure prompt processing (pp) and generation (tg) speed like llama-bench; prints one JSON line.
     Bench(bench::BenchArgs),
     /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge::run(&args),
         Command::MergeAdapters(args) => merge_adapters::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),
         Command::Quantize {
             input,

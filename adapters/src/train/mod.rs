@@ -5,9 +5,13 @@
 //! Everything is generic over the scalar ([`real::Real`]): f32 trains, f64 checks the
 //! gradients by finite differences through the same code.
 
+pub mod data;
+pub mod method;
 pub mod net;
 pub mod ops;
+pub mod optim;
 pub mod real;
+pub mod trainer;
 
 use graft_quant::QuantError;
 

@@ -65,7 +65,7 @@ pub fn slot(layer: usize, p: Proj) -> usize {
 /// (GGUF tensor names, so a trained model is written as is).
 #[derive(Debug, Clone)]
 pub struct FullLayout {
-    pub tensors: Vec<FullTensor>,
+    pub tensors: Vec<ParamTensor>,
     token_embd: usize,
     output: Option<usize>,
     output_norm: usize,
@@ -75,7 +75,7 @@ pub struct FullLayout {
 }
 
 #[derive(Debug, Clone)]
-pub struct FullTensor {
+pub struct ParamTensor {
     pub name: String,
     pub rows: usize,
     pub cols: usize,
@@ -102,7 +102,7 @@ impl FullLayout {
         let add = |l: &mut FullLayout, name: String, rows: usize, cols: usize, decay| {
             let start = l.len;
             l.len += rows * cols;
-            l.tensors.push(FullTensor {
+            l.tensors.push(ParamTensor {
                 name,
                 rows,
                 cols,

@@ -21,6 +21,7 @@ pub mod merge;
 pub mod peft;
 pub mod registry;
 pub mod sara;
+pub mod train;
 
 pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
 pub use error::{AdapterError, Result};

@@ -120,6 +120,7 @@ fn sddmm_equals_dense_gradient_gathered() {
         (64, 33, 17, 0.2),
         (300, 40, 300, 0.15),
         (2, 260, 1100, 0.5),
+        (600, 30, 1100, 0.1),
         (0, 4, 4, 1.0),
     ] {
         let dy = uniform(&mut r, n * out, 1.0);
@@ -178,6 +179,8 @@ fn sparse_forward_and_backward_equal_dense() {
         (33, 48, 20, 1.0, -2.0),
         (7, 12, 12, 0.0, 1.0),
         (0, 5, 5, 0.5, 1.0),
+        // Several token blocks (blocks hold about 1 MiB of transposed activations).
+        (300, 1100, 1030, 0.02, 0.7),
     ] {
         let idx = random_mask(&mut r, out * inp, density);
         let vals = uniform(&mut r, idx.len(), 0.1);

@@ -32,9 +32,10 @@ pub const RANK_MIN_DIM: usize = 64;
 /// Rows dequantized per task when selecting a mask over a [`Weight`].
 const MASK_ROWS_PER_TASK: usize = 16;
 
-/// Bytes of transposed activations per token block in [`sddmm`]: the block is read
-/// once per output row, so it should stay in L2.
-const SDDMM_BLOCK_BYTES: usize = 1 << 20;
+/// Bytes of transposed activations per token block in [`sddmm`], [`sparse_forward`]
+/// and [`sparse_backward_input`]: the block is read once per output row (or input
+/// column), so it should stay in L2.
+const BLOCK_BYTES: usize = 1 << 20;
 
 /// The paper's learning-rate default for a threshold: `1e-3 * exp(-350 theta)` (about
 /// 4.97e-4 at theta = 2e-3).
@@ -322,9 +323,7 @@ pub fn sddmm(
         idx = rest_i;
         g = rest_g;
     }
-    let block = (SDDMM_BLOCK_BYTES / (4 * inp.max(1)))
-        .clamp(16, 1024)
-        .min(n_tok);
+    let block = token_block(inp, n_tok);
     let mut xt = vec![0f32; inp * block];
     let mut dyt = vec![0f32; out * block];
     for t0 in (0..n_tok).step_by(block) {
@@ -363,8 +362,30 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     }
 }
 
-/// Tokens per rayon task in the sparse forward/backward.
+/// Below this many tokens the sparse forward/backward work token by token (gather /
+/// scatter); from it on they transpose token blocks so every masked entry becomes one
+/// contiguous multiply-add over the block's tokens (several times faster).
+const BLOCKED_MIN_TOKENS: usize = 8;
+
+/// Tokens per rayon task on the token-by-token path.
 const TOKENS_PER_TASK: usize = 4;
+
+/// Tokens per block when `width` floats of each token are transposed (see
+/// [`BLOCK_BYTES`]).
+fn token_block(width: usize, n_tok: usize) -> usize {
+    (BLOCK_BYTES / (4 * width.max(1)))
+        .clamp(16, 1024)
+        .min(n_tok)
+}
+
+/// `dst[b * width + j] += src[j * tb + b]`: adds a transposed block back.
+fn add_transposed(src: &[f32], tb: usize, width: usize, dst: &mut [f32]) {
+    for (b, row) in dst.chunks_exact_mut(width).enumerate().take(tb) {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v += src[j * tb + b];
+        }
+    }
+}
 
 /// Checks a sparse delta's structure (its fields are public) and the activation
 /// lengths for `n_tok` tokens: `a` has `a_width` per token, `b` has `b_width`.
@@ -381,8 +402,9 @@ fn check_delta(
 }
 
 /// `y += x dW^T` for the sparse delta `d` (`[out, in]`, times its `scale`): `x` is
-/// `[n_tok, in]`, `y` `[n_tok, out]`. Tokens run in parallel through the delta's own
-/// kernel (the one inference uses).
+/// `[n_tok, in]`, `y` `[n_tok, out]`. Per token block, `X` is transposed and each
+/// output row is the sum of its entries' scaled `X` columns (contiguous over tokens);
+/// rows run in parallel. A few tokens go through the delta's inference kernel.
 pub fn sparse_forward(d: &SparseDelta, x: &[f32], n_tok: usize, y: &mut [f32]) -> Result<()> {
     check_delta(
         "sara forward",
@@ -391,18 +413,40 @@ pub fn sparse_forward(d: &SparseDelta, x: &[f32], n_tok: usize, y: &mut [f32]) -
         (x.len(), d.cols),
         (y.len(), d.rows),
     )?;
-    if d.rows == 0 || d.cols == 0 {
+    let (out, inp) = (d.rows, d.cols);
+    if out == 0 || inp == 0 || n_tok == 0 {
         return Ok(());
     }
-    y.par_chunks_mut(d.rows * TOKENS_PER_TASK)
-        .zip(x.par_chunks(d.cols * TOKENS_PER_TASK))
-        .for_each(|(yc, xc)| d.apply(1.0, xc, xc.len() / d.cols, yc));
+    if n_tok < BLOCKED_MIN_TOKENS {
+        d.apply(1.0, x, n_tok, y);
+        return Ok(());
+    }
+    let block = token_block(inp, n_tok);
+    let mut xt = vec![0f32; inp * block];
+    let mut yt = vec![0f32; out * block];
+    for t0 in (0..n_tok).step_by(block) {
+        let tb = block.min(n_tok - t0);
+        let (xt, yt) = (&mut xt[..inp * tb], &mut yt[..out * tb]);
+        transpose(&x[t0 * inp..(t0 + tb) * inp], tb, inp, xt);
+        let xt = &*xt;
+        yt.par_chunks_mut(tb).enumerate().for_each(|(o, acc)| {
+            acc.fill(0.0);
+            let (lo, hi) = (d.row_ptr[o] as usize, d.row_ptr[o + 1] as usize);
+            for (&c, &v) in d.col_idx[lo..hi].iter().zip(&d.values[lo..hi]) {
+                let c = c as usize;
+                simd::axpy(acc, v * d.scale, &xt[c * tb..(c + 1) * tb]);
+            }
+        });
+        add_transposed(yt, tb, out, &mut y[t0 * out..(t0 + tb) * out]);
+    }
     Ok(())
 }
 
 /// `dx += dy dW` (the input gradient through the sparse delta, times its `scale`):
-/// `dy` is `[n_tok, out]`, `dx` `[n_tok, in]`. Tokens run in parallel; within one, each
-/// output row's gradient scatters into the token's `dx` row.
+/// `dy` is `[n_tok, out]`, `dx` `[n_tok, in]`. The delta's entries are regrouped by
+/// input column (CSC, `O(nnz)` per call); per token block, `dY` is transposed and
+/// each input column's gradient is the sum of its entries' scaled `dY` rows; columns
+/// run in parallel. A few tokens scatter token by token instead.
 pub fn sparse_backward_input(
     d: &SparseDelta,
     dy: &[f32],
@@ -416,24 +460,64 @@ pub fn sparse_backward_input(
         (dy.len(), d.rows),
         (dx.len(), d.cols),
     )?;
-    if d.rows == 0 || d.cols == 0 {
+    let (out, inp) = (d.rows, d.cols);
+    if out == 0 || inp == 0 || n_tok == 0 {
         return Ok(());
     }
-    dx.par_chunks_mut(d.cols)
-        .zip(dy.par_chunks(d.rows))
-        .with_min_len(TOKENS_PER_TASK)
-        .for_each(|(dxr, dyr)| {
-            for (o, &g) in dyr.iter().enumerate() {
-                if g == 0.0 {
-                    continue;
+    if n_tok < BLOCKED_MIN_TOKENS {
+        dx.par_chunks_mut(inp)
+            .zip(dy.par_chunks(out))
+            .with_min_len(TOKENS_PER_TASK)
+            .for_each(|(dxr, dyr)| {
+                for (o, &g) in dyr.iter().enumerate() {
+                    let g = g * d.scale;
+                    let (lo, hi) = (d.row_ptr[o] as usize, d.row_ptr[o + 1] as usize);
+                    for (&c, &v) in d.col_idx[lo..hi].iter().zip(&d.values[lo..hi]) {
+                        dxr[c as usize] += g * v;
+                    }
                 }
-                let g = g * d.scale;
-                let (lo, hi) = (d.row_ptr[o] as usize, d.row_ptr[o + 1] as usize);
-                for (&c, &v) in d.col_idx[lo..hi].iter().zip(&d.values[lo..hi]) {
-                    dxr[c as usize] += g * v;
-                }
+            });
+        return Ok(());
+    }
+    // CSC of the delta by a counting sort on the column (rows stay ascending).
+    let nnz = d.values.len();
+    let mut col_ptr = vec![0usize; inp + 1];
+    for &c in &d.col_idx {
+        col_ptr[c as usize + 1] += 1;
+    }
+    for i in 0..inp {
+        col_ptr[i + 1] += col_ptr[i];
+    }
+    let mut fill = col_ptr.clone();
+    let (mut row_of, mut val_of) = (vec![0u32; nnz], vec![0f32; nnz]);
+    for o in 0..out {
+        let (lo, hi) = (d.row_ptr[o] as usize, d.row_ptr[o + 1] as usize);
+        for (&c, &v) in d.col_idx[lo..hi].iter().zip(&d.values[lo..hi]) {
+            let slot = &mut fill[c as usize];
+            // o < rows, and rows fit u32 flat indices (checked above).
+            row_of[*slot] = o as u32;
+            val_of[*slot] = v * d.scale;
+            *slot += 1;
+        }
+    }
+    let block = token_block(out, n_tok);
+    let mut dyt = vec![0f32; out * block];
+    let mut dxt = vec![0f32; inp * block];
+    for t0 in (0..n_tok).step_by(block) {
+        let tb = block.min(n_tok - t0);
+        let (dyt, dxt) = (&mut dyt[..out * tb], &mut dxt[..inp * tb]);
+        transpose(&dy[t0 * out..(t0 + tb) * out], tb, out, dyt);
+        let dyt = &*dyt;
+        dxt.par_chunks_mut(tb).enumerate().for_each(|(i, acc)| {
+            acc.fill(0.0);
+            let (lo, hi) = (col_ptr[i], col_ptr[i + 1]);
+            for (&o, &v) in row_of[lo..hi].iter().zip(&val_of[lo..hi]) {
+                let o = o as usize;
+                simd::axpy(acc, v, &dyt[o * tb..(o + 1) * tb]);
             }
         });
+        add_transposed(dxt, tb, inp, &mut dx[t0 * inp..(t0 + tb) * inp]);
+    }
     Ok(())
 }
 

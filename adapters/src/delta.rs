@@ -181,7 +181,7 @@ impl SparseDelta {
         (self.row_ptr.len() + self.col_idx.len() + self.values.len()) * 4
     }
 
-    fn apply(&self, user_scale: f32, x: &[f32], n: usize, y: &mut [f32]) {
+    pub(crate) fn apply(&self, user_scale: f32, x: &[f32], n: usize, y: &mut [f32]) {
         let s = self.scale * user_scale;
         for t in 0..n {
             let xr = &x[t * self.cols..(t + 1) * self.cols];

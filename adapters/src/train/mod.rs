@@ -6,11 +6,13 @@
 //! gradients by finite differences through the same code.
 
 pub mod data;
+pub mod linalg;
 pub mod method;
 pub mod net;
 pub mod ops;
 pub mod optim;
 pub mod real;
+pub mod sara;
 pub mod trainer;
 
 use graft_quant::QuantError;

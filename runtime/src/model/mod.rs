@@ -5,7 +5,7 @@ mod config;
 pub mod delta;
 mod forward;
 mod llama2c;
-mod simd;
+pub mod simd;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopeScaling, RopeStyle};
 pub use delta::{BatchDeltas, DeltaError, LinearDelta, Proj};

@@ -933,87 +933,9 @@ fn dora_factor(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(extra: &str) -> PeftConfig {
-        let text = format!(r#"{{"peft_type": "LORA", "r": 4, "lora_alpha": 8{extra}}}"#);
-        PeftConfig::parse(text.as_bytes(), "test").unwrap()
-    }
-
-    #[test]
-    fn target_list_matches_suffix_and_layers() {
-        let c = cfg(r#", "target_modules": ["q_proj"], "layers_to_transform": [1]"#);
-        assert!(c.targets("model.layers.1.self_attn.q_proj"));
-        assert!(!c.targets("model.layers.0.self_attn.q_proj"));
-        assert!(!c.targets("model.layers.1.self_attn.qq_proj"));
-        assert!(!c.targets("model.layers.1.self_attn.k_proj"));
-        // An exact full name bypasses layers_to_transform, as in PEFT.
-        let c = cfg(
-            r#", "target_modules": ["model.layers.0.self_attn.q_proj"], "layers_to_transform": 1"#,
-        );
-        assert!(c.targets("model.layers.0.self_attn.q_proj"));
-    }
-
-    #[test]
-    fn target_regex_and_exclude() {
-        let c = cfg(
-            r#", "target_modules": ".*\\.(q|v)_proj", "exclude_modules": ["model.layers.1.self_attn.v_proj"]"#,
-        );
-        assert!(c.targets("model.layers.0.self_attn.q_proj"));
-        assert!(c.targets("model.layers.0.self_attn.v_proj"));
-        assert!(!c.targets("model.layers.1.self_attn.v_proj"));
-        assert!(!c.targets("model.layers.0.self_attn.k_proj"));
-        let c = cfg(r#", "target_modules": "all-linear""#);
-        assert!(c.targets("model.layers.3.mlp.down_proj"));
-    }
-
-    #[test]
-    fn patterns_first_match_in_file_order() {
-        let c = cfg(
-            r#", "rank_pattern": {"q_proj": 2, "layers.0.self_attn.q_proj": 16, "a": 1}, "alpha_pattern": {"z_proj|q_proj": 3.0}, "use_rslora": true"#,
-        );
-        assert_eq!(c.rank_pattern[0].key, "q_proj");
-        let (r, s) = c.rank_scale("model.layers.0.self_attn.q_proj");
-        assert_eq!(r, 2);
-        assert_eq!(s, (3.0f64 / 2f64.sqrt()) as f32);
-        let (r, s) = c.rank_scale("model.layers.0.self_attn.k_proj");
-        assert_eq!((r, s), (4, 4.0));
-        // The pattern must match whole dotted components.
-        assert_eq!(c.rank_scale("model.layers.0.self_attn.xq_proj").0, 4);
-    }
-
-    #[test]
-    fn classify_keys() {
-        let (m, p) =
-            classify("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
-        assert_eq!(m, "model.layers.0.self_attn.q_proj");
-        assert!(matches!(p, Part::A));
-        let (_, p) =
-            classify("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight").unwrap();
-        assert!(matches!(p, Part::B));
-        for k in [
-            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector",
-            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector.weight",
-            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector.default.weight",
-        ] {
-            assert!(matches!(classify(k).unwrap().1, Part::Magnitude), "{k}");
-        }
-        assert!(classify("base_model.model.model.layers.0.self_attn.q_proj.bias").is_err());
-        assert!(classify("base_model.model.model.embed_tokens.lora_embedding_A").is_err());
-        assert!(parse_module("model.layers.0.self_attn.up_proj").is_err());
-        assert!(parse_module("lm_head").unwrap_err().contains("lm_head"));
-        assert_eq!(
-            parse_module("model.layers.7.mlp.down_proj").unwrap(),
-            (7, Proj::Down)
-        );
-    }
-}
-
 /// Writes `adapter`'s LoRA deltas as a PEFT checkpoint in `dir` (`adapter_config.json`
-/// + `adapter_model.safetensors`, F32) for a base with `config`: every delta must be
-/// plain LoRA of one rank with scale `alpha / rank` (`alpha / sqrt(rank)` with
+/// and `adapter_model.safetensors`, F32) for a base with `config`: every delta must
+/// be plain LoRA of one rank with scale `alpha / rank` (`alpha / sqrt(rank)` with
 /// `rslora`). For `llama` bases the q/k lora_B rows go back to Hugging Face order.
 pub fn save(
     adapter: &Adapter,
@@ -1115,4 +1037,82 @@ pub fn save(
     let text = serde_json::to_string_pretty(&cfg)
         .map_err(|e| AdapterError::invalid(&dname, e.to_string()))?;
     st_write::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> PeftConfig {
+        let text = format!(r#"{{"peft_type": "LORA", "r": 4, "lora_alpha": 8{extra}}}"#);
+        PeftConfig::parse(text.as_bytes(), "test").unwrap()
+    }
+
+    #[test]
+    fn target_list_matches_suffix_and_layers() {
+        let c = cfg(r#", "target_modules": ["q_proj"], "layers_to_transform": [1]"#);
+        assert!(c.targets("model.layers.1.self_attn.q_proj"));
+        assert!(!c.targets("model.layers.0.self_attn.q_proj"));
+        assert!(!c.targets("model.layers.1.self_attn.qq_proj"));
+        assert!(!c.targets("model.layers.1.self_attn.k_proj"));
+        // An exact full name bypasses layers_to_transform, as in PEFT.
+        let c = cfg(
+            r#", "target_modules": ["model.layers.0.self_attn.q_proj"], "layers_to_transform": 1"#,
+        );
+        assert!(c.targets("model.layers.0.self_attn.q_proj"));
+    }
+
+    #[test]
+    fn target_regex_and_exclude() {
+        let c = cfg(
+            r#", "target_modules": ".*\\.(q|v)_proj", "exclude_modules": ["model.layers.1.self_attn.v_proj"]"#,
+        );
+        assert!(c.targets("model.layers.0.self_attn.q_proj"));
+        assert!(c.targets("model.layers.0.self_attn.v_proj"));
+        assert!(!c.targets("model.layers.1.self_attn.v_proj"));
+        assert!(!c.targets("model.layers.0.self_attn.k_proj"));
+        let c = cfg(r#", "target_modules": "all-linear""#);
+        assert!(c.targets("model.layers.3.mlp.down_proj"));
+    }
+
+    #[test]
+    fn patterns_first_match_in_file_order() {
+        let c = cfg(
+            r#", "rank_pattern": {"q_proj": 2, "layers.0.self_attn.q_proj": 16, "a": 1}, "alpha_pattern": {"z_proj|q_proj": 3.0}, "use_rslora": true"#,
+        );
+        assert_eq!(c.rank_pattern[0].key, "q_proj");
+        let (r, s) = c.rank_scale("model.layers.0.self_attn.q_proj");
+        assert_eq!(r, 2);
+        assert_eq!(s, (3.0f64 / 2f64.sqrt()) as f32);
+        let (r, s) = c.rank_scale("model.layers.0.self_attn.k_proj");
+        assert_eq!((r, s), (4, 4.0));
+        // The pattern must match whole dotted components.
+        assert_eq!(c.rank_scale("model.layers.0.self_attn.xq_proj").0, 4);
+    }
+
+    #[test]
+    fn classify_keys() {
+        let (m, p) =
+            classify("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
+        assert_eq!(m, "model.layers.0.self_attn.q_proj");
+        assert!(matches!(p, Part::A));
+        let (_, p) =
+            classify("base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight").unwrap();
+        assert!(matches!(p, Part::B));
+        for k in [
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector",
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector.weight",
+            "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector.default.weight",
+        ] {
+            assert!(matches!(classify(k).unwrap().1, Part::Magnitude), "{k}");
+        }
+        assert!(classify("base_model.model.model.layers.0.self_attn.q_proj.bias").is_err());
+        assert!(classify("base_model.model.model.embed_tokens.lora_embedding_A").is_err());
+        assert!(parse_module("model.layers.0.self_attn.up_proj").is_err());
+        assert!(parse_module("lm_head").unwrap_err().contains("lm_head"));
+        assert_eq!(
+            parse_module("model.layers.7.mlp.down_proj").unwrap(),
+            (7, Proj::Down)
+        );
+    }
 }

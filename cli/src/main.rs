@@ -5,6 +5,7 @@ mod bench_throughput;
 mod common;
 mod inspect;
 mod logits;
+mod make_data;
 mod merge;
 mod merge_adapters;
 mod quantize;
@@ -51,6 +52,12 @@ enum Command {
     /// Train an adapter (LoRA) or the whole model on the CPU from JSONL or text data,
     /// with a progress bar and a final JSON report (loss, exact match, speed).
     Train(train::TrainArgs),
+    /// Write a deterministic generated dataset (.jsonl): the default model's
+    /// pretraining mix or one of its adapter tasks.
+    GenData(make_data::GenDataArgs),
+    /// Write a randomly initialised Llama GGUF with a BPE vocabulary learned from the
+    /// generated corpus (the start of the default model's pretraining).
+    InitModel(make_data::InitModelArgs),
     /// Measure prompt processing (pp) and generation (tg) speed like llama-bench; prints one JSON line.
     Bench(bench::BenchArgs),
     /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
@@ -104,6 +111,8 @@ fn main() -> ExitCode {
         Command::MergeAdapters(args) => merge_adapters::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::GenData(args) => make_data::gen_data(&args),
+        Command::InitModel(args) => make_data::init_model(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),
         Command::Quantize {
             input,

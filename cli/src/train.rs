@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
+use graft_adapters::sara::SaraMeta;
 use graft_adapters::train::data::{self, Data, Record};
-use graft_adapters::train::method::{parse_targets, targets_for, Full, Lora, Method};
+use graft_adapters::train::method::{parse_targets, targets_for, Full, Lora, Method, Sara};
 use graft_adapters::train::net::Example;
 use graft_adapters::train::optim::AdamWConfig;
+use graft_adapters::train::sara::default_lr;
 use graft_adapters::train::trainer::{TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -21,6 +23,8 @@ pub enum MethodArg {
     Lora,
     /// Every tensor of the model (pretraining, full fine-tuning); writes a GGUF model.
     Full,
+    /// SaRA: the smallest base weights (|w| < theta) train in place as a sparse delta.
+    Sara,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -29,6 +33,8 @@ pub enum FormatArg {
     Gguf,
     /// Hugging Face PEFT directory (LoRA).
     Peft,
+    /// graft's SaRA sparse-delta .safetensors file (SaRA).
+    Sara,
 }
 
 #[derive(Args, Debug)]
@@ -45,9 +51,9 @@ pub struct TrainArgs {
     /// Where to write the result (a file for gguf, a directory for peft).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "gguf")]
-    pub format: FormatArg,
+    /// Output format (default: gguf for lora and full, sara for sara).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
@@ -63,9 +69,18 @@ pub struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     pub steps: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f32,
+    /// Peak learning rate (default: 1e-3; SaRA: 1e-3 * exp(-350 theta)).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// SaRA: magnitude threshold selecting the trainable base weights.
+    #[arg(long, default_value_t = 2e-3)]
+    pub theta: f32,
+    /// SaRA: weight of the nuclear-norm (low-rank) regulariser.
+    #[arg(long, default_value_t = 5e-4)]
+    pub lambda_rank: f32,
+    /// SaRA: skip the progressive re-selection at half the steps.
+    #[arg(long)]
+    pub no_progressive: bool,
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -120,11 +135,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         match &data {
             Data::Pairs(records) => {
                 let (ti, ei) = data::split(records.len(), args.eval_frac, args.seed);
-                let pick = |ix: &[usize]| ix.iter().map(|&i| records[i].clone()).collect::<Vec<_>>();
+                let pick =
+                    |ix: &[usize]| ix.iter().map(|&i| records[i].clone()).collect::<Vec<_>>();
                 let (tr, er) = (pick(&ti), pick(&ei));
                 let (train, dropped) = data::pair_examples(&tok, &tr, args.max_len);
                 if dropped > 0 {
-                    tracing::warn!("{dropped} records dropped: their prompt is longer than --max-len");
+                    tracing::warn!(
+                        "{dropped} records dropped: their prompt is longer than --max-len"
+                    );
                 }
                 let (eval, _) = data::pair_examples(&tok, &er, args.max_len);
                 (train, eval, er)
@@ -146,19 +164,43 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let method = match args.method {
         MethodArg::Lora => {
             let projs = parse_targets(&args.targets)?;
-            Method::Lora(Lora::new(c, targets_for(c, &projs), args.rank, args.alpha, args.rslora)?)
+            Method::Lora(Lora::new(
+                c,
+                targets_for(c, &projs),
+                args.rank,
+                args.alpha,
+                args.rslora,
+            )?)
         }
         MethodArg::Full => Method::Full(Full::new(&model)),
+        MethodArg::Sara => {
+            let projs = parse_targets(&args.targets)?;
+            Method::Sara(Sara::new(
+                &model,
+                &targets_for(c, &projs),
+                args.theta,
+                args.lambda_rank,
+                !args.no_progressive,
+            )?)
+        }
     };
-    match (args.method, args.format) {
-        (MethodArg::Full, FormatArg::Peft) => bail!("--method full writes a GGUF model: use --format gguf"),
-        _ => {}
-    }
+    let format = match (args.method, args.format) {
+        (MethodArg::Lora, None) | (MethodArg::Full, None) => FormatArg::Gguf,
+        (MethodArg::Sara, None) => FormatArg::Sara,
+        (MethodArg::Lora, Some(f @ (FormatArg::Gguf | FormatArg::Peft)))
+        | (MethodArg::Full, Some(f @ FormatArg::Gguf))
+        | (MethodArg::Sara, Some(f @ FormatArg::Sara)) => f,
+        (m, Some(f)) => bail!("--method {m:?} cannot be written as --format {f:?}"),
+    };
+    let lr = args.lr.unwrap_or(match args.method {
+        MethodArg::Sara => default_lr(args.theta),
+        _ => 1e-3,
+    });
     let config = TrainConfig {
         steps: args.steps,
         batch: args.batch,
         accum: args.accum,
-        lr: args.lr,
+        lr,
         warmup: args.warmup,
         min_lr_ratio: 0.1,
         clip: args.clip,
@@ -202,11 +244,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         tokens += s.tokens;
         last_loss = s.loss;
         let tps = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", s.loss, s.lr, tps));
+        bar.set_message(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+            s.loss, s.lr, tps
+        ));
         bar.set_position(trainer.step as u64);
         if args.eval_every > 0 && trainer.step % args.eval_every == 0 && trainer.step < args.steps {
             let el = trainer.eval_loss(&eval_examples)?;
-            bar.println(format!("step {}: train loss {:.4}, eval loss {el:.4}", trainer.step, s.loss));
+            bar.suspend(|| {
+                eprintln!(
+                    "step {}: train loss {:.4}, eval loss {el:.4}",
+                    trainer.step, s.loss
+                )
+            });
         }
         if let Some(ck) = &args.checkpoint {
             if trainer.step % args.checkpoint_every.max(1) == 0 {
@@ -226,7 +276,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     } else {
         Some(trainer.exact_match(&tok, &eval_records)?)
     };
-    save(&trainer, args)?;
+    save(&trainer, args, format)?;
     let report = serde_json::json!({
         "method": trainer.method.name(),
         "steps": trainer.step,
@@ -243,21 +293,34 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn save(trainer: &Trainer<'_>, args: &TrainArgs) -> Result<()> {
+fn save(trainer: &Trainer<'_>, args: &TrainArgs, format: FormatArg) -> Result<()> {
     let model = trainer.model;
-    match (&trainer.method, args.format) {
-        (Method::Lora(l), FormatArg::Gguf) => {
+    match (&trainer.method, format) {
+        (Method::Lora(_), FormatArg::Gguf) => {
             let adapter = trainer.method.to_adapter(model, &trainer.params)?;
             graft_adapters::gguf_lora::save(&adapter, model.config.arch.name(), &args.out)?;
-            let _ = l;
         }
         (Method::Lora(l), FormatArg::Peft) => {
             let adapter = trainer.method.to_adapter(model, &trainer.params)?;
             graft_adapters::peft::save(&adapter, &model.config, l.alpha, l.rslora, &args.out)?;
         }
         (Method::Full(f), _) => {
-            graft_adapters::train::method::save_full_gguf(model, &f.layout, &trainer.params, &args.out)?;
+            graft_adapters::train::method::save_full_gguf(
+                model,
+                &f.layout,
+                &trainer.params,
+                &args.out,
+            )?;
         }
+        (Method::Sara(s), _) => {
+            let adapter = trainer.method.to_adapter(model, &trainer.params)?;
+            let meta = SaraMeta {
+                theta: Some(s.theta),
+                ..SaraMeta::new(model.config.arch)
+            };
+            graft_adapters::sara::save(&adapter, &meta, &args.out)?;
+        }
+        (m, f) => bail!("{} cannot be written as {f:?}", m.name()),
     }
     if !args.out.exists() {
         return Err(anyhow!("{} was not written", args.out.display()));

@@ -25,8 +25,8 @@ pub enum Data {
     Text(String),
 }
 
-/// Reads `path`: `.jsonl` (one `{"prompt": .., "completion": ..}` object per line;
-/// blank lines skipped) or any other file as plain UTF-8 text.
+/// Reads `path`: `.jsonl` (one `{"prompt": .., "completion": ..}` or `{"text": ..}`
+/// object per line; blank lines skipped) or any other file as plain UTF-8 text.
 pub fn load(path: &Path) -> Result<Data, TrainError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
@@ -56,11 +56,19 @@ pub fn parse_jsonl(text: &str, file: &str) -> Result<Vec<Record>, TrainError> {
                     i + 1
                 ))),
                 None => Err(TrainError::Data(format!(
-                    "{file}:{}: field {k:?} is missing (expected {{\"prompt\": .., \"completion\": ..}})",
+                    "{file}:{}: field {k:?} is missing (expected {{\"prompt\": .., \"completion\": ..}} or {{\"text\": ..}})",
                     i + 1
                 ))),
             }
         };
+        // {"text": ..} is plain text inside JSONL: loss on every token.
+        if v.get("text").is_some() && v.get("prompt").is_none() {
+            out.push(Record {
+                prompt: String::new(),
+                completion: field("text")?,
+            });
+            continue;
+        }
         out.push(Record {
             prompt: field("prompt")?,
             completion: field("completion")?,
@@ -72,7 +80,8 @@ pub fn parse_jsonl(text: &str, file: &str) -> Result<Vec<Record>, TrainError> {
     Ok(out)
 }
 
-/// Token ids of a record: `[BOS] prompt` and `completion [EOS]`.
+/// Token ids of a record: `[BOS] prompt` and `completion [EOS]` (a text record has
+/// an empty prompt: `[BOS]` only).
 pub fn encode_record(tok: &Tokenizer, r: &Record) -> (Vec<u32>, Vec<u32>) {
     let prompt = tok.encode(&r.prompt, true, false);
     let mut completion = tok.encode(&r.completion, false, false);
@@ -164,9 +173,13 @@ mod tests {
     fn jsonl_errors_name_line_and_field() {
         let ok = "{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": \"c\", \"completion\": \"d\"}\n";
         assert_eq!(parse_jsonl(ok, "f").unwrap().len(), 2);
-        let e = parse_jsonl("{\"prompt\": \"a\"}", "f.jsonl").unwrap_err().to_string();
+        let e = parse_jsonl("{\"prompt\": \"a\"}", "f.jsonl")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("f.jsonl:1") && e.contains("completion"), "{e}");
-        let e = parse_jsonl("{\"prompt\": 3, \"completion\": \"x\"}", "f").unwrap_err().to_string();
+        let e = parse_jsonl("{\"prompt\": 3, \"completion\": \"x\"}", "f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected a string"), "{e}");
         assert!(parse_jsonl("nope", "f").is_err());
         assert!(parse_jsonl("\n", "f").is_err());
@@ -191,6 +204,9 @@ mod tests {
             .collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..7).collect::<Vec<_>>());
-        assert_eq!(batch_indices(n, 3, 2, 5, 1, 9), batch_indices(n, 3, 2, 5, 1, 9));
+        assert_eq!(
+            batch_indices(n, 3, 2, 5, 1, 9),
+            batch_indices(n, 3, 2, 5, 1, 9)
+        );
     }
 }

@@ -139,6 +139,12 @@ fn tall_svd(a: &[f64], m: usize, n: usize) -> Result<Svd> {
         .collect();
     // Columns that are orthogonal to this relative precision count as converged.
     let tol = f64::EPSILON * (m as f64).sqrt();
+    // Columns below rounding noise of the whole matrix are numerically zero: rotating
+    // them against each other only chases noise (rank-deficient inputs never settle).
+    let floor = {
+        let fro2: f64 = colv.iter().map(|c| norm2(&c[..m])).sum();
+        fro2 * f64::EPSILON * f64::EPSILON
+    };
     // Round-robin tournament over an even number of players (a dummy one when n is
     // odd): player 0 stays, the others rotate, and each round pairs i with p-1-i.
     let players = n + n % 2;
@@ -164,7 +170,7 @@ fn tall_svd(a: &[f64], m: usize, n: usize) -> Result<Svd> {
                 })
                 .collect();
             let rotate = |w: &mut (usize, Vec<f64>, usize, Vec<f64>)| {
-                rotate_pair(&mut w.1, &mut w.3, m, tol)
+                rotate_pair(&mut w.1, &mut w.3, m, tol, floor)
             };
             rotated += if work.len() * (m + n) < SERIAL_MAX_ELEMS {
                 work.iter_mut().map(rotate).filter(|&r| r).count()
@@ -214,14 +220,15 @@ fn norm2(x: &[f64]) -> f64 {
 
 /// Rotates columns `p` and `q` (each `m` entries of A then the V part) so their A
 /// parts become orthogonal; false when they already are (to `tol`).
-fn rotate_pair(p: &mut [f64], q: &mut [f64], m: usize, tol: f64) -> bool {
+fn rotate_pair(p: &mut [f64], q: &mut [f64], m: usize, tol: f64, floor: f64) -> bool {
     let (mut alpha, mut beta, mut gamma) = (0f64, 0f64, 0f64);
     for (x, y) in p[..m].iter().zip(&q[..m]) {
         alpha += x * x;
         beta += y * y;
         gamma += x * y;
     }
-    if gamma == 0.0 || gamma.abs() <= tol * (alpha * beta).sqrt() {
+    if gamma == 0.0 || alpha <= floor || beta <= floor || gamma.abs() <= tol * (alpha * beta).sqrt()
+    {
         return false;
     }
     // The rotation angle that zeroes the (p, q) entry of A^T A (Rutishauser's

@@ -9,6 +9,9 @@ use rand::{Rng, SeedableRng};
 
 use super::net::{slot, DeltaGrad, DeltaOp, FullLayout, Grads, ParamTensor, Trainables};
 use super::real::Real;
+use super::sara::{
+    pick_rank_tensor, progressive_adjust, rank_regulariser, sparse_delta, SaraEntries,
+};
 use super::TrainError;
 use crate::delta::{f32_weight, projection_shape, Adapter, AdapterFormat, LoraDelta, TensorDelta};
 
@@ -37,7 +40,9 @@ impl Lora {
             return Err(TrainError::Config("LoRA rank must be at least 1".into()));
         }
         if targets.is_empty() {
-            return Err(TrainError::Config("LoRA needs at least one target projection".into()));
+            return Err(TrainError::Config(
+                "LoRA needs at least one target projection".into(),
+            ));
         }
         let mut tensors = Vec::new();
         let mut at = 0;
@@ -97,10 +102,225 @@ impl Full {
     }
 }
 
+/// SaRA on one weight: the live (trainable) entries and those frozen by the
+/// progressive adjustment, and where the live ones sit in their union.
+#[derive(Debug, Clone)]
+pub struct SaraPart {
+    pub layer: usize,
+    pub proj: Proj,
+    /// Live entries: indices and initial values (current values are the parameters).
+    pub live: SaraEntries,
+    /// Entries frozen at their trained values.
+    pub frozen: SaraEntries,
+    /// Sorted union of live and frozen indices (the delta's structure).
+    merged: Vec<u32>,
+    /// Position in `merged` of each live entry.
+    live_pos: Vec<usize>,
+}
+
+impl SaraPart {
+    fn new(layer: usize, proj: Proj, live: SaraEntries, frozen: SaraEntries) -> Self {
+        let mut all: Vec<(u32, bool)> = live
+            .indices
+            .iter()
+            .map(|&i| (i, true))
+            .chain(frozen.indices.iter().map(|&i| (i, false)))
+            .collect();
+        all.sort_unstable();
+        let merged: Vec<u32> = all.iter().map(|&(i, _)| i).collect();
+        let live_pos = all
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, l))| l)
+            .map(|(p, _)| p)
+            .collect();
+        SaraPart {
+            layer,
+            proj,
+            live,
+            frozen,
+            merged,
+            live_pos,
+        }
+    }
+
+    /// Delta values over `merged` for live parameters `p`.
+    fn delta<T: Real>(&self, p: &[T]) -> Vec<T> {
+        let mut d = vec![T::ZERO; self.merged.len()];
+        let mut fi = 0;
+        let mut li = 0;
+        for (k, &idx) in self.merged.iter().enumerate() {
+            if li < self.live_pos.len() && self.live_pos[li] == k {
+                d[k] = p[li] - T::from_f32(self.live.init[li]);
+                li += 1;
+            } else if let (Some(&v), Some(&p0)) =
+                (self.frozen.values.get(fi), self.frozen.init.get(fi))
+            {
+                debug_assert_eq!(self.frozen.indices[fi], idx);
+                d[k] = T::from_f32(v - p0);
+                fi += 1;
+            }
+        }
+        d
+    }
+}
+
+/// SaRA: the base weights below `theta` in magnitude train in place (values
+/// initialised to the base's, signed, so step 0 is the base); a nuclear-norm
+/// regulariser keeps the update low-rank; at half the steps entries that grew past
+/// `theta` freeze.
+#[derive(Debug, Clone)]
+pub struct Sara {
+    pub theta: f32,
+    /// Weight of the nuclear-norm regulariser (0 = off).
+    pub lambda_rank: f32,
+    /// Freeze grown entries at half the steps.
+    pub progressive: bool,
+    pub parts: Vec<SaraPart>,
+    pub tensors: Vec<ParamTensor>,
+}
+
+impl Sara {
+    pub fn new(
+        model: &Model,
+        targets: &[(usize, Proj)],
+        theta: f32,
+        lambda_rank: f32,
+        progressive: bool,
+    ) -> Result<Sara, TrainError> {
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(TrainError::Config(format!(
+                "theta {theta}: expected a positive number"
+            )));
+        }
+        let mut parts = Vec::new();
+        for &(layer, p) in targets {
+            let w = model.layers.get(layer).map(|l| l.proj(p)).ok_or_else(|| {
+                TrainError::Config(format!("target layer {layer} is beyond the model"))
+            })?;
+            let live = SaraEntries::from_weight(w, theta)?;
+            let frozen = SaraEntries {
+                rows: live.rows,
+                cols: live.cols,
+                indices: Vec::new(),
+                values: Vec::new(),
+                init: Vec::new(),
+            };
+            parts.push(SaraPart::new(layer, p, live, frozen));
+        }
+        let mut s = Sara {
+            theta,
+            lambda_rank,
+            progressive,
+            parts,
+            tensors: Vec::new(),
+        };
+        s.relayout();
+        if s.tensors.last().is_none_or(|t| t.range.end == 0) {
+            return Err(TrainError::Config(format!(
+                "no base weight is below theta {theta} in magnitude: raise --theta"
+            )));
+        }
+        Ok(s)
+    }
+
+    fn relayout(&mut self) {
+        let mut at = 0;
+        self.tensors = self
+            .parts
+            .iter()
+            .map(|p| {
+                let n = p.live.len();
+                let t = ParamTensor {
+                    name: format!("{}.sara", p.proj.gguf_weight(p.layer)),
+                    rows: 1,
+                    cols: n,
+                    range: at..at + n,
+                    decay: true,
+                };
+                at += n;
+                t
+            })
+            .collect();
+    }
+
+    /// SaRA's progressive adjustment with the current parameters: returns the new
+    /// (smaller) parameter vector; the caller restarts the optimizer state.
+    pub fn adjust(&mut self, params: &[f32]) -> Result<Vec<f32>, TrainError> {
+        let mut next = Vec::new();
+        for (part, t) in self.parts.iter_mut().zip(&self.tensors) {
+            let state = SaraEntries {
+                values: params[t.range.clone()].to_vec(),
+                ..part.live.clone()
+            };
+            let adj = progressive_adjust(&state, self.theta)?;
+            let mut frozen = part.frozen.clone();
+            let mut pairs: Vec<(u32, f32, f32)> = frozen
+                .indices
+                .iter()
+                .zip(&frozen.values)
+                .zip(&frozen.init)
+                .chain(
+                    adj.frozen
+                        .indices
+                        .iter()
+                        .zip(&adj.frozen.values)
+                        .zip(&adj.frozen.init),
+                )
+                .map(|((&i, &v), &p0)| (i, v, p0))
+                .collect();
+            pairs.sort_by_key(|p| p.0);
+            frozen.indices = pairs.iter().map(|p| p.0).collect();
+            frozen.values = pairs.iter().map(|p| p.1).collect();
+            frozen.init = pairs.iter().map(|p| p.2).collect();
+            next.extend_from_slice(&adj.live.values);
+            *part = SaraPart::new(part.layer, part.proj, adj.live, frozen);
+        }
+        self.relayout();
+        Ok(next)
+    }
+
+    /// The regulariser's loss and its gradient added into `grad` for one weight
+    /// chosen by `draw` (the reference applies it to one random eligible weight per
+    /// step).
+    pub fn add_rank_gradient(
+        &self,
+        params: &[f32],
+        grad: &mut [f32],
+        draw: u64,
+    ) -> Result<f32, TrainError> {
+        if self.lambda_rank == 0.0 {
+            return Ok(0.0);
+        }
+        let shapes: Vec<(usize, usize)> = self
+            .parts
+            .iter()
+            .map(|p| (p.live.rows, p.live.cols))
+            .collect();
+        let Some(i) = pick_rank_tensor(&shapes, draw) else {
+            return Ok(0.0);
+        };
+        let (part, t) = (&self.parts[i], &self.tensors[i]);
+        let (reg, g) = rank_regulariser(
+            part.live.rows,
+            part.live.cols,
+            &part.live.indices,
+            &params[t.range.clone()],
+            self.lambda_rank,
+            None,
+        )?;
+        for (a, b) in grad[t.range.clone()].iter_mut().zip(g) {
+            *a += b;
+        }
+        Ok(reg)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Method {
     Lora(Lora),
     Full(Full),
+    Sara(Sara),
 }
 
 impl Method {
@@ -108,6 +328,7 @@ impl Method {
         match self {
             Method::Lora(_) => "lora",
             Method::Full(_) => "full",
+            Method::Sara(_) => "sara",
         }
     }
 
@@ -116,6 +337,7 @@ impl Method {
         match self {
             Method::Lora(l) => &l.tensors,
             Method::Full(f) => &f.layout.tensors,
+            Method::Sara(s) => &s.tensors,
         }
     }
 
@@ -150,6 +372,11 @@ impl Method {
                 Ok(v)
             }
             Method::Full(f) => f.layout.values_of(model),
+            Method::Sara(s) => Ok(s
+                .parts
+                .iter()
+                .flat_map(|p| p.live.init.iter().copied())
+                .collect()),
         }
     }
 
@@ -174,6 +401,14 @@ impl Method {
                 }
             }
             Method::Full(f) => tr.full = Some((&f.layout, params)),
+            Method::Sara(s) => {
+                for (part, t) in s.parts.iter().zip(&s.tensors) {
+                    tr.deltas[slot(part.layer, part.proj)] = Some(DeltaOp::Sparse {
+                        idx: Cow::Borrowed(&part.merged),
+                        val: Cow::Owned(part.delta(&params[t.range.clone()])),
+                    });
+                }
+            }
         }
         tr
     }
@@ -204,6 +439,24 @@ impl Method {
                     g.copy_from_slice(f);
                 }
             }
+            Method::Sara(s) => {
+                for (part, t) in s.parts.iter().zip(&s.tensors) {
+                    match &grads.deltas[slot(part.layer, part.proj)] {
+                        Some(DeltaGrad::Sparse { dval }) => {
+                            for (dst, &k) in g[t.range.clone()].iter_mut().zip(&part.live_pos) {
+                                *dst = dval[k];
+                            }
+                        }
+                        None => {}
+                        Some(_) => {
+                            return Err(TrainError::Shape(format!(
+                                "{}: not a sparse gradient",
+                                part.proj.gguf_weight(part.layer)
+                            )))
+                        }
+                    }
+                }
+            }
         }
         Ok(g)
     }
@@ -224,6 +477,19 @@ impl Method {
                         dora_factor: None,
                     };
                     ad.insert(c, layer, p, TensorDelta::Lora(delta))?;
+                }
+                Ok(ad)
+            }
+            Method::Sara(s) => {
+                let c = &model.config;
+                let mut ad = Adapter::new(AdapterFormat::Memory, PathBuf::new(), c.n_layer);
+                for (part, t) in s.parts.iter().zip(&s.tensors) {
+                    let live = SaraEntries {
+                        values: params[t.range.clone()].to_vec(),
+                        ..part.live.clone()
+                    };
+                    let delta = sparse_delta(&[&live, &part.frozen], 1.0)?;
+                    ad.insert(c, part.layer, part.proj, TensorDelta::Sparse(delta))?;
                 }
                 Ok(ad)
             }
@@ -254,7 +520,8 @@ pub fn full_model(base: &Model, layout: &FullLayout, params: &[f32]) -> Result<M
             .find(|t| t.name == name)
             .map(|t| params[t.range.clone()].to_vec())
     };
-    let need = |name: String| v(&name).ok_or(TrainError::Shape(format!("{name} is not in the layout")));
+    let need =
+        |name: String| v(&name).ok_or(TrainError::Shape(format!("{name} is not in the layout")));
     let token_embd = w("token_embd.weight")?;
     let output = match layout.tensors.iter().any(|t| t.name == "output.weight") {
         true => w("output.weight")?,

@@ -6,6 +6,7 @@
 //! gradients by finite differences through the same code.
 
 pub mod data;
+pub mod init;
 pub mod linalg;
 pub mod method;
 pub mod net;
@@ -13,6 +14,7 @@ pub mod ops;
 pub mod optim;
 pub mod real;
 pub mod sara;
+pub mod tasks;
 pub mod trainer;
 
 use graft_quant::QuantError;

@@ -98,7 +98,11 @@ impl Schedule {
 
 /// Scales `grad` so its global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f32 {
-    let norm = grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt() as f32;
+    let norm = grad
+        .iter()
+        .map(|&g| (g as f64) * (g as f64))
+        .sum::<f64>()
+        .sqrt() as f32;
     if max_norm > 0.0 && norm > max_norm {
         let s = max_norm / norm;
         for g in grad {

@@ -9,6 +9,7 @@ use graft_runtime::generate::{generate_adapted, GenerateParams};
 use graft_runtime::model::{LinearDelta, Model};
 use graft_runtime::sampling::SamplingParams;
 use graft_runtime::tokenizer::Tokenizer;
+use rand::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::data::{self, Record};
@@ -80,7 +81,9 @@ pub struct Trainer<'m> {
 impl<'m> Trainer<'m> {
     pub fn new(model: &'m Model, method: Method, config: TrainConfig) -> Result<Self, TrainError> {
         if config.batch == 0 || config.accum == 0 {
-            return Err(TrainError::Config("batch and accum must be at least 1".into()));
+            return Err(TrainError::Config(
+                "batch and accum must be at least 1".into(),
+            ));
         }
         let params = method.init(model, config.seed)?;
         let n = params.len();
@@ -146,10 +149,27 @@ impl<'m> Trainer<'m> {
             }
         }
         drop(tr);
+        if let Method::Sara(s) = &self.method {
+            // One seeded draw per step picks the weight the regulariser acts on.
+            let draw = rand::rngs::StdRng::seed_from_u64(
+                c.seed ^ (self.step as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+            )
+            .next_u64();
+            loss += s.add_rank_gradient(&self.params, &mut grad, draw)? as f64;
+        }
         let grad_norm = clip_grad_norm(&mut grad, c.clip);
         let lr = self.schedule().lr_at(self.step);
-        self.opt.step(&mut self.params, &grad, lr, Some(&self.decay));
+        self.opt
+            .step(&mut self.params, &grad, lr, Some(&self.decay));
         self.step += 1;
+        let half = self.config.steps / 2;
+        if let Method::Sara(s) = &mut self.method {
+            if s.progressive && half > 0 && self.step == half {
+                self.params = s.adjust(&self.params)?;
+                self.opt.reset(self.params.len());
+                self.decay = self.method.decay_mask();
+            }
+        }
         Ok(StepStats {
             step: self.step,
             loss,
@@ -289,8 +309,12 @@ pub fn exact_match(
     tok: &Tokenizer,
     records: &[Record],
 ) -> Result<f64, TrainError> {
+    let records: Vec<&Record> = records.iter().filter(|r| !r.prompt.is_empty()).collect();
+    if records.is_empty() {
+        return Ok(0.0);
+    }
     let mut hits = 0usize;
-    for r in records {
+    for r in &records {
         let (prompt, completion) = data::encode_record(tok, r);
         let params = GenerateParams {
             max_tokens: completion.len() + 4,

@@ -97,23 +97,8 @@ pub fn from_bytes_with_meta(
 /// Writes the sparse deltas of `adapter` as a SaRA file at `path` (through a temporary
 /// file renamed into place, so a failed save leaves no partial file).
 pub fn save(adapter: &Adapter, meta: &SaraMeta, path: &Path) -> Result<()> {
-    let file = path.display().to_string();
-    let bytes = to_bytes(adapter, meta, &file)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |source| AdapterError::Io {
-        file: file.clone(),
-        source,
-    };
-    std::fs::write(&tmp, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    let bytes = to_bytes(adapter, meta, &path.display().to_string())?;
+    write_atomic(path, &bytes)
 }
 
 /// The bytes [`save`] writes (`name` stands for the file in errors). Every delta must
@@ -152,7 +137,7 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
     }
     // Tensor name -> (dtype, nnz, little-endian bytes); sorted, so the same adapter
     // always gives the same bytes.
-    let mut tensors: BTreeMap<String, (&str, usize, Vec<u8>)> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, (&str, Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for (layer, proj, delta) in adapter.iter() {
         let weight = proj.gguf_weight(layer);
         let s = match delta {
@@ -162,6 +147,13 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
                     name,
                     &weight,
                     "is a LoRA delta, expected a sparse delta (merge it with combine first)",
+                ))
+            }
+            TensorDelta::Dense(_) => {
+                return Err(AdapterError::tensor(
+                    name,
+                    &weight,
+                    "is a dense delta, expected a sparse delta (convert it with sara::from_dense first)",
                 ))
             }
         };
@@ -191,19 +183,29 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
         let nnz = indices.len();
         let idx: Vec<u8> = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
         let val: Vec<u8> = s.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.insert(format!("{weight}{IDX_SUFFIX}"), ("U32", nnz, idx));
-        tensors.insert(format!("{weight}{VAL_SUFFIX}"), ("F32", nnz, val));
+        tensors.insert(format!("{weight}{IDX_SUFFIX}"), ("U32", vec![nnz], idx));
+        tensors.insert(format!("{weight}{VAL_SUFFIX}"), ("F32", vec![nnz], val));
     }
+    safetensors_bytes(&info, &tensors, name)
+}
+
+/// A safetensors file of string metadata `info` and `tensors` (name -> (dtype,
+/// shape, little-endian bytes)), keys sorted so the same input gives the same bytes.
+pub(crate) fn safetensors_bytes(
+    info: &BTreeMap<String, String>,
+    tensors: &BTreeMap<String, (&str, Vec<usize>, Vec<u8>)>,
+    name: &str,
+) -> Result<Vec<u8>> {
     // The safetensors layout: u64 header length, JSON header (padded with spaces to a
     // multiple of 8 so the data stays aligned), then the tensors back to back.
     let mut header: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     header.insert("__metadata__".to_owned(), serde_json::json!(info));
     let mut offset = 0usize;
-    for (tname, (dtype, nnz, bytes)) in &tensors {
+    for (tname, (dtype, shape, bytes)) in tensors {
         let end = offset + bytes.len();
         header.insert(
             tname.clone(),
-            serde_json::json!({"dtype": dtype, "shape": [nnz], "data_offsets": [offset, end]}),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
         );
         offset = end;
     }
@@ -218,6 +220,27 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
         out.extend_from_slice(bytes);
     }
     Ok(out)
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place, so a failed
+/// save leaves no partial file.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file = path.display().to_string();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let io = |source| AdapterError::Io {
+        file: file.clone(),
+        source,
+    };
+    std::fs::write(&tmp, bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
 }
 
 /// A sparse delta holding the nonzero entries of a dense `rows` x `cols` delta.
@@ -307,7 +330,7 @@ pub(crate) fn checked_flat_indices(s: &SparseDelta) -> std::result::Result<Vec<u
 }
 
 /// Readable text for the safetensors crate's errors (its Display is its Debug).
-fn st_message(e: &SafeTensorError) -> String {
+pub(crate) fn st_message(e: &SafeTensorError) -> String {
     match e {
         SafeTensorError::HeaderTooSmall => {
             "file is shorter than the 8-byte header-length prefix".to_owned()
@@ -336,7 +359,7 @@ fn st_message(e: &SafeTensorError) -> String {
 }
 
 /// A metadata value for an error message.
-fn shown(v: Option<&str>) -> String {
+pub(crate) fn shown(v: Option<&str>) -> String {
     v.map_or_else(|| "(missing)".to_owned(), |v| format!("{v:?}"))
 }
 
@@ -364,7 +387,7 @@ fn decode_u32(b: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-fn decode_f32(b: &[u8]) -> Vec<f32> {
+pub(crate) fn decode_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()

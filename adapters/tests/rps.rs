@@ -438,6 +438,40 @@ fn sgd_with_the_scaler_follows_dense_sgd_at_m_equals_n() {
 }
 
 #[test]
+fn scaler_values_match_brute_force() {
+    let c = small_config();
+    for (name, layout) in layouts(&c) {
+        let s = layout.scaler_values();
+        for (q, pool) in layout.pools().iter().enumerate() {
+            let f = pool.fold();
+            let m = pool.m() as usize;
+            let (mut cnt, mut a, mut qs) = (vec![0f64; m], vec![0f64; m], vec![0f64; m]);
+            for t in layout.tensors().iter().filter(|t| t.pool() == q) {
+                for i in 0..t.len() as u64 {
+                    let j = f.slot(t.offset + i) as usize;
+                    let l = t.lambda as f64;
+                    cnt[j] += 1.0;
+                    a[j] += l;
+                    qs[j] += l * l;
+                }
+            }
+            for j in 0..m {
+                let want = match layout.scaler() {
+                    Scaler::V1 => a[j] * a[j] / cnt[j],
+                    Scaler::V5 => qs[j],
+                    Scaler::None => 1.0,
+                } as f32;
+                let got = s[q][j];
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "{name}: pool {q} slot {j}: S {got}, expected {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn scaled_step_is_the_mean_of_the_colliding_dense_steps() {
     // Lambda 1, scaler v1 (S_j = c_j): after one step from z, each position moves by
     // xi(p) times the mean over its slot of xi(p') * (dense step at p').
@@ -602,9 +636,9 @@ fn rps_lora_at_rho_one_equals_lora() {
     // The expanded tensors are the pools, signed and permuted (times lambda).
     let z = random_pools(&layout, &mut rng);
     let w = expand(&layout, &z).unwrap();
-    for q in 0..2 {
+    for (q, zq) in z.iter().enumerate() {
         let f = layout.pools()[q].fold();
-        let mut hit = vec![false; z[q].len()];
+        let mut hit = vec![false; zq.len()];
         for (t, v) in layout
             .tensors()
             .iter()
@@ -616,7 +650,7 @@ fn rps_lora_at_rho_one_equals_lora() {
                 let j = f.slot(p) as usize;
                 assert!(!hit[j], "slot {j} of pool {q} used twice");
                 hit[j] = true;
-                assert_eq!(x, t.lambda * f.sign(p) * z[q][j]);
+                assert_eq!(x, t.lambda * f.sign(p) * zq[j]);
             }
         }
         assert!(hit.iter().all(|&h| h));

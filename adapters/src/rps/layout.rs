@@ -662,27 +662,34 @@ impl RpsLayout {
         if self.scaler == Scaler::None {
             return vec![1.0; m];
         }
-        // (c_j, A_j, Q_j) in f64, accumulated run by run.
-        let mut acc = vec![(0f64, 0f64, 0f64); m];
+        // (c_j, A_j) for v1, (_, Q_j) for v5, in f64. A run adds one lambda to a range
+        // of slots, so they are piecewise constant: sweep the sorted run ends and fill
+        // the pieces (O(m + runs log runs), no per-slot temporaries).
+        let v1 = self.scaler == Scaler::V1;
         let runs = self.pool_runs(q);
-        over_slots(&runs, &mut acc, |chunk, t, run| {
-            let l = self.tensors[t].lambda as f64;
-            for s in &mut chunk[run.j..run.j + run.len] {
-                s.0 += 1.0;
-                s.1 += l;
-                s.2 += l * l;
+        let mut out = vec![0f32; m];
+        over_slots(&mut out, |chunk, lo| {
+            let mut events: Vec<(usize, f64, f64)> = Vec::new();
+            for (t, run) in clip(&runs, lo, lo + chunk.len()) {
+                let l = self.tensors[t].lambda as f64;
+                let add = if v1 { l } else { l * l };
+                events.push((run.j, 1.0, add));
+                events.push((run.j + run.len, -1.0, -add));
+            }
+            // Stable: equal slots keep run order, so the sums do not depend on chunking.
+            events.sort_by_key(|e| e.0);
+            let (mut c, mut a, mut pos) = (0f64, 0f64, 0usize);
+            let value = |c: f64, a: f64| if v1 { a * a / c } else { a } as f32;
+            for (k, dc, da) in events {
+                if k > pos {
+                    chunk[pos..k].fill(value(c, a));
+                    pos = k;
+                }
+                c += dc;
+                a += da;
             }
         });
-        acc.into_par_iter()
-            .map(|(c, a, q)| {
-                let s = match self.scaler {
-                    Scaler::V1 => a * a / c,
-                    Scaler::V5 => q,
-                    Scaler::None => 1.0,
-                };
-                s as f32
-            })
-            .collect()
+        out
     }
 
     /// Divides every slot's gradient by its `S_j` (a no-op for [`Scaler::None`]).
@@ -770,39 +777,35 @@ impl RpsLayout {
     }
 }
 
-/// Runs `f(chunk, tensor, run)` for every run of `runs`, clipped to slot chunks that
-/// are processed in parallel (`run.j` relative to the chunk). Each slot sees the runs
-/// in the same order whatever the chunking, so results do not depend on the thread
-/// count.
-fn over_slots<T: Send>(
-    runs: &[(usize, Run)],
-    out: &mut [T],
-    f: impl Fn(&mut [T], usize, Run) + Sync,
-) {
+/// Runs `f(chunk, lo)` on slot chunks `out[lo..lo + chunk.len()]` in parallel.
+fn over_slots<T: Send>(out: &mut [T], f: impl Fn(&mut [T], usize) + Sync) {
     let chunk = out
         .len()
         .div_ceil(rayon::current_num_threads() * 4)
         .max(1 << 14);
     out.par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(c, slots)| {
-            let lo = c * chunk;
-            let hi = lo + slots.len();
-            for &(t, run) in runs {
-                let (s, e) = (run.j.max(lo), (run.j + run.len).min(hi));
-                if s < e {
-                    let d = s - run.j;
-                    let clipped = Run {
-                        i: run.i + d,
-                        r: run.r + d,
-                        j: s - lo,
-                        len: e - s,
-                        sigma: run.sigma,
-                    };
-                    f(slots, t, clipped);
-                }
-            }
-        });
+        .for_each(|(c, slots)| f(slots, c * chunk));
+}
+
+/// The parts of `runs` that land on slots `lo..hi`, with `j` relative to `lo`. Each
+/// slot sees its runs in the same order whatever the chunking, so sums do not depend
+/// on the thread count.
+fn clip(runs: &[(usize, Run)], lo: usize, hi: usize) -> impl Iterator<Item = (usize, Run)> + '_ {
+    runs.iter().filter_map(move |&(t, run)| {
+        let (s, e) = (run.j.max(lo), (run.j + run.len).min(hi));
+        (s < e).then(|| {
+            let d = s - run.j;
+            let clipped = Run {
+                i: run.i + d,
+                r: run.r + d,
+                j: s - lo,
+                len: e - s,
+                sigma: run.sigma,
+            };
+            (t, clipped)
+        })
+    })
 }
 
 /// Every virtual tensor's values, `W[i] = lambda * xi(p) * z[h(p)]`, in the layout's
@@ -877,12 +880,15 @@ pub fn scatter_grad<G: AsRef<[f32]> + Sync>(
             let tau = fold.tau();
             let mut dz = vec![0f32; tau.len()];
             let runs = layout.pool_runs(q);
-            over_slots(&runs, &mut dz, |chunk, t, run| {
-                let coef = layout.tensors[t].lambda * run.sigma;
-                let g = &grads[t].as_ref()[run.i..run.i + run.len];
-                let ts = &tau[run.r..run.r + run.len];
-                for ((d, &gv), &tv) in chunk[run.j..run.j + run.len].iter_mut().zip(g).zip(ts) {
-                    *d += coef * tv * gv;
+            over_slots(&mut dz, |chunk, lo| {
+                for (t, run) in clip(&runs, lo, lo + chunk.len()) {
+                    let coef = layout.tensors[t].lambda * run.sigma;
+                    let g = &grads[t].as_ref()[run.i..run.i + run.len];
+                    let ts = &tau[run.r..run.r + run.len];
+                    let d = &mut chunk[run.j..run.j + run.len];
+                    for ((d, &gv), &tv) in d.iter_mut().zip(g).zip(ts) {
+                        *d += coef * tv * gv;
+                    }
                 }
             });
             dz

@@ -261,6 +261,7 @@ fn dense_delta(
             }
             Ok(out)
         }
+        TensorDelta::Dense(d) => d.dense(),
     }
 }
 

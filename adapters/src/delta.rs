@@ -198,11 +198,58 @@ impl SparseDelta {
     }
 }
 
+/// A dense delta `scale * W` (`[out, in]`, F32), e.g. an expanded RPS-Delta pool.
+#[derive(Debug, Clone)]
+pub struct DenseDelta {
+    /// `[out, in]`; F32 keeps `dense()` exact and the forward pass on the F32 kernel.
+    pub w: Weight,
+    pub scale: f32,
+}
+
+impl DenseDelta {
+    /// `[out, in]` dense `scale * W` in f32.
+    pub fn dense(&self) -> Result<Vec<f32>> {
+        let mut w = self
+            .w
+            .to_f32()
+            .map_err(|e| AdapterError::quant("dense delta", e))?;
+        if self.scale != 1.0 {
+            for v in &mut w {
+                *v *= self.scale;
+            }
+        }
+        Ok(w)
+    }
+
+    fn bytes(&self) -> usize {
+        self.w.data().len()
+    }
+
+    fn apply(&self, user_scale: f32, x: &[f32], n: usize, y: &mut [f32]) -> Result<(), DeltaError> {
+        let mut d = vec![0f32; n * self.w.rows];
+        kernels::matmul(
+            self.w.ty,
+            self.w.data(),
+            self.w.rows,
+            self.w.cols,
+            x,
+            n,
+            &mut d,
+        )?;
+        let s = self.scale * user_scale;
+        for (yv, dv) in y.iter_mut().zip(&d) {
+            *yv += s * dv;
+        }
+        Ok(())
+    }
+}
+
 /// The delta of one base projection.
 #[derive(Debug, Clone)]
 pub enum TensorDelta {
     Lora(LoraDelta),
     Sparse(SparseDelta),
+    Dense(DenseDelta),
 }
 
 impl TensorDelta {
@@ -211,6 +258,7 @@ impl TensorDelta {
         match self {
             TensorDelta::Lora(l) => (l.b.rows, l.a.cols),
             TensorDelta::Sparse(s) => (s.rows, s.cols),
+            TensorDelta::Dense(d) => (d.w.rows, d.w.cols),
         }
     }
 
@@ -219,6 +267,7 @@ impl TensorDelta {
         match self {
             TensorDelta::Lora(l) => l.dense(),
             TensorDelta::Sparse(s) => Ok(s.dense()),
+            TensorDelta::Dense(d) => d.dense(),
         }
     }
 
@@ -226,6 +275,7 @@ impl TensorDelta {
         match self {
             TensorDelta::Lora(l) => l.bytes(),
             TensorDelta::Sparse(s) => s.bytes(),
+            TensorDelta::Dense(d) => d.bytes(),
         }
     }
 
@@ -246,6 +296,7 @@ impl TensorDelta {
                 s.apply(user_scale, x, n, y);
                 Ok(())
             }
+            TensorDelta::Dense(d) => d.apply(user_scale, x, n, y),
         }
     }
 }
@@ -256,6 +307,8 @@ pub enum AdapterFormat {
     Peft,
     GgufLora,
     Sara,
+    /// STABLE-RPS pools (`.rps`), expanded at load.
+    Rps,
     /// Built in memory (merging, training).
     Memory,
 }

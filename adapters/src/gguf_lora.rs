@@ -229,6 +229,13 @@ pub fn save(adapter: &Adapter, arch: &str, path: &Path) -> Result<SavedAlpha> {
                     "a sparse delta cannot be stored in a GGUF LoRA",
                 ))
             }
+            TensorDelta::Dense(_) => {
+                return Err(AdapterError::tensor(
+                    &fname,
+                    name,
+                    "a dense delta cannot be stored in a GGUF LoRA",
+                ))
+            }
         }
     }
     if loras.is_empty() {

@@ -10,6 +10,8 @@
 //! - [`registry`]: named adapters loaded, replaced (compare-and-set on a generation)
 //!   and evicted (LRU under count and byte limits) at runtime from any thread.
 //! - [`sara`]: SaRA sparse-delta files (graft's safetensors layout).
+//! - [`rps`]: STABLE-RPS randomized parameter sharing (RPS-LoRA, RPS-Delta): the
+//!   RandomFold map, expand / scatter-gradient / scaler for training, `.rps` files.
 //! - [`combine`]: merging several adapters into one (linear, TIES, DARE, PCB).
 
 pub mod combine;
@@ -20,11 +22,14 @@ pub mod load;
 pub mod merge;
 pub mod peft;
 pub mod registry;
+pub mod rps;
 pub mod sara;
 pub mod st_write;
 pub mod train;
 
-pub use delta::{Adapter, AdapterFormat, AdapterStack, LoraDelta, SparseDelta, TensorDelta};
+pub use delta::{
+    Adapter, AdapterFormat, AdapterStack, DenseDelta, LoraDelta, SparseDelta, TensorDelta,
+};
 pub use error::{AdapterError, Result};
 pub use graft_runtime::model::{BatchDeltas, LinearDelta, Proj};
 pub use load::{load_adapter, parse_adapter_arg};

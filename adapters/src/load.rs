@@ -7,11 +7,11 @@ use graft_runtime::model::Model;
 
 use crate::delta::Adapter;
 use crate::error::{AdapterError, Result};
-use crate::{gguf_lora, peft, sara};
+use crate::{gguf_lora, peft, rps, sara};
 
 /// Loads the adapter at `path` for `model`: a directory is a PEFT checkpoint, a file
 /// starting with the GGUF magic a llama.cpp GGUF LoRA, a `.safetensors` file a SaRA
-/// sparse delta.
+/// sparse delta, a `.rps` file STABLE-RPS pools (expanded into LoRA or dense deltas).
 pub fn load_adapter(path: &Path, model: &Model) -> Result<Adapter> {
     let name = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|source| AdapterError::Io {
@@ -27,10 +27,14 @@ pub fn load_adapter(path: &Path, model: &Model) -> Result<Adapter> {
     if path.extension().is_some_and(|e| e == "safetensors") {
         return sara::load(path, model);
     }
+    if path.extension().is_some_and(|e| e == rps::file::EXTENSION) {
+        return rps::load(path, model);
+    }
     Err(AdapterError::invalid(
         name,
         "not an adapter: expected a PEFT directory (adapter_config.json + \
-         adapter_model.safetensors), a GGUF LoRA file, or a SaRA .safetensors file",
+         adapter_model.safetensors), a GGUF LoRA file, a SaRA .safetensors file or an \
+         RPS .rps file",
     ))
 }
 

@@ -24,7 +24,7 @@ use graft_runtime::model::{Model, ModelConfig, ModelError, Proj, Weight};
 use graft_runtime::quantize::FileType;
 use rayon::prelude::*;
 
-use crate::delta::{AdapterStack, LoraDelta, SparseDelta, TensorDelta};
+use crate::delta::{AdapterStack, DenseDelta, LoraDelta, SparseDelta, TensorDelta};
 use crate::error::{AdapterError, Result};
 
 /// Metadata key listing the adapters merged into a file (`source@scale`), appended to
@@ -88,6 +88,10 @@ fn check_step(tensor: &str, step: &Step, rows: usize, cols: usize) -> Result<()>
     match step.delta {
         TensorDelta::Lora(l) => check_lora(l, rows).map_err(err),
         TensorDelta::Sparse(s) => check_sparse(s).map_err(err),
+        TensorDelta::Dense(d) if !d.scale.is_finite() => {
+            Err(err(format!("dense delta scale {} is not finite", d.scale)))
+        }
+        TensorDelta::Dense(_) => Ok(()),
     }
 }
 
@@ -174,6 +178,7 @@ fn apply_steps(
             apply_sparse(w, cols, s, st.scale, inverse);
             Ok(())
         }
+        TensorDelta::Dense(d) => apply_dense(w, d, st.scale, inverse),
     };
     if inverse {
         steps.iter().rev().try_for_each(&mut run)
@@ -243,6 +248,17 @@ fn apply_sparse(w: &mut [f32], cols: usize, s: &SparseDelta, u: f32, inverse: bo
             }
         }
     });
+}
+
+fn apply_dense(w: &mut [f32], d: &DenseDelta, u: f32, inverse: bool) -> Result<()> {
+    let k = if inverse { -(d.scale * u) } else { d.scale * u };
+    let dv =
+        d.w.to_f32()
+            .map_err(|e| AdapterError::quant("dense delta", e))?;
+    w.par_iter_mut().zip(dv.par_iter()).for_each(|(wv, &x)| {
+        *wv += k * x;
+    });
+    Ok(())
 }
 
 fn is_float(ty: GgmlType) -> bool {

@@ -148,6 +148,13 @@ pub fn to_bytes(adapter: &Adapter, meta: &SaraMeta, name: &str) -> Result<Vec<u8
                     "is a LoRA delta, expected a sparse delta (merge it with combine first)",
                 ))
             }
+            TensorDelta::Dense(_) => {
+                return Err(AdapterError::tensor(
+                    name,
+                    &weight,
+                    "is a dense delta, expected a sparse delta (convert it with sara::from_dense first)",
+                ))
+            }
         };
         if s.scale != meta.alpha {
             return Err(AdapterError::tensor(
@@ -272,7 +279,7 @@ pub(crate) fn checked_flat_indices(s: &SparseDelta) -> std::result::Result<Vec<u
 }
 
 /// Readable text for the safetensors crate's errors (its Display is its Debug).
-fn st_message(e: &SafeTensorError) -> String {
+pub(crate) fn st_message(e: &SafeTensorError) -> String {
     match e {
         SafeTensorError::HeaderTooSmall => {
             "file is shorter than the 8-byte header-length prefix".to_owned()
@@ -301,7 +308,7 @@ fn st_message(e: &SafeTensorError) -> String {
 }
 
 /// A metadata value for an error message.
-fn shown(v: Option<&str>) -> String {
+pub(crate) fn shown(v: Option<&str>) -> String {
     v.map_or_else(|| "(missing)".to_owned(), |v| format!("{v:?}"))
 }
 
@@ -329,7 +336,7 @@ fn decode_u32(b: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-fn decode_f32(b: &[u8]) -> Vec<f32> {
+pub(crate) fn decode_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()

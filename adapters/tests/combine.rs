@@ -52,7 +52,9 @@ fn dense(c: &ModelConfig, a: &Adapter, layer: usize, proj: Proj) -> Vec<f32> {
             assert_eq!(s.scale, 1.0);
             s.dense()
         }
-        Some(TensorDelta::Lora(_)) => panic!("merge result holds a LoRA delta"),
+        Some(TensorDelta::Lora(_) | TensorDelta::Dense(_)) => {
+            panic!("merge result holds a non-sparse delta")
+        }
     }
 }
 

@@ -126,7 +126,7 @@ fn applying_a_sara_file_equals_merging_its_dense_delta() {
             .iter()
             .map(|(_, _, d)| match d {
                 TensorDelta::Sparse(s) => s.values.len(),
-                TensorDelta::Lora(_) => 0,
+                TensorDelta::Lora(_) | TensorDelta::Dense(_) => 0,
             })
             .sum::<usize>()
     );

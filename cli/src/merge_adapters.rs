@@ -96,7 +96,7 @@ pub fn run(args: &MergeAdaptersArgs) -> Result<()> {
         .iter()
         .map(|(_, _, d)| match d {
             graft_adapters::TensorDelta::Sparse(s) => s.values.len(),
-            graft_adapters::TensorDelta::Lora(_) => 0,
+            graft_adapters::TensorDelta::Lora(_) | graft_adapters::TensorDelta::Dense(_) => 0,
         })
         .sum();
     eprintln!(

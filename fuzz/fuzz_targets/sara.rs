@@ -35,7 +35,7 @@ fn sparse_parts(d: &TensorDelta) -> (Vec<u32>, Vec<u32>, u32) {
             s.values.iter().map(|v| v.to_bits()).collect(),
             s.scale.to_bits(),
         ),
-        TensorDelta::Lora(_) => panic!("a SaRA file gave a LoRA delta"),
+        TensorDelta::Lora(_) | TensorDelta::Dense(_) => panic!("a SaRA file gave a non-sparse delta"),
     }
 }
 

@@ -199,7 +199,7 @@ struct Adapter {
     generation: u64,
     /// Bytes of adapter data (memory-mapped bytes included).
     bytes: usize,
-    /// "gguf-lora", "peft", "sara" or "memory".
+    /// "gguf-lora", "peft", "sara", "rps" or "memory".
     format: String,
     /// The file or folder it was loaded from.
     path: String,
@@ -216,6 +216,7 @@ impl From<AdapterInfo> for Adapter {
                 F::GgufLora => "gguf-lora",
                 F::Peft => "peft",
                 F::Sara => "sara",
+                F::Rps => "rps",
                 F::Memory => "memory",
             }
             .to_owned(),

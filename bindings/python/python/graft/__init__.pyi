@@ -26,7 +26,7 @@ class Adapter:
     bytes: int
     """Bytes of adapter data (memory-mapped bytes included)."""
     format: str
-    """"gguf-lora", "peft", "sara" or "memory"."""
+    """"gguf-lora", "peft", "sara", "rps" or "memory"."""
     path: str
     """The file or folder it was loaded from."""
 

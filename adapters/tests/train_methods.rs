@@ -5,8 +5,9 @@
 #[path = "../../runtime/tests/common/mod.rs"]
 mod common;
 
+use graft_adapters::rps::{Budget, Role, RpsConfig, RpsLayout};
 use graft_adapters::train::data::{pair_examples, Record};
-use graft_adapters::train::method::{targets_for, Lora, Method, Sara};
+use graft_adapters::train::method::{targets_for, Lora, Method, Rps, Sara};
 use graft_adapters::train::net::{Example, Net, StepOptions};
 use graft_adapters::train::tasks::{generate, Task};
 use graft_adapters::train::trainer::{TrainConfig, Trainer};
@@ -41,7 +42,73 @@ fn methods(m: &Model) -> Vec<Method> {
         Method::Lora(Lora::new(c, targets_for(c, &Proj::ALL), 4, 8.0, false).unwrap()),
         Method::Lora(Lora::new(c, targets_for(c, &[Proj::Q, Proj::V]), 2, 4.0, true).unwrap()),
         Method::Sara(Sara::new(m, &targets_for(c, &Proj::ALL), 2e-3, 5e-4, true).unwrap()),
+        // Heavily shared pools (rho 0.01) and a dense virtual delta.
+        Method::Rps(Rps::new(
+            RpsLayout::new(c, &Proj::ALL, &RpsConfig::lora(4, 8.0, Budget::Ratio(0.01))).unwrap(),
+        )),
+        Method::Rps(Rps::new(
+            RpsLayout::new(
+                c,
+                &[Proj::V, Proj::Down],
+                &RpsConfig::delta(Budget::Ratio(0.1)),
+            )
+            .unwrap(),
+        )),
     ]
+}
+
+#[test]
+fn rps_lora_at_rho_one_follows_lora_step_by_step() {
+    let m = model("llama-gqa-Q4_0.gguf");
+    let c = &m.config;
+    let (ex, _) = task_examples(&m, 16);
+    let layout = RpsLayout::new(
+        c,
+        &[Proj::Q, Proj::V],
+        &RpsConfig::lora(4, 8.0, Budget::Ratio(1.0)),
+    )
+    .unwrap();
+    let rps = Method::Rps(Rps::new(layout.clone()));
+    let lora =
+        Method::Lora(Lora::new(c, targets_for(c, &[Proj::Q, Proj::V]), 4, 8.0, false).unwrap());
+    let mut a = Trainer::new(&m, rps, config(4)).unwrap();
+    let mut b = Trainer::new(&m, lora, config(4)).unwrap();
+    // Start LoRA where RPS starts: the expanded pools, in LoRA's order.
+    let to_lora_order = |t: &Trainer<'_>| -> Vec<f32> {
+        let Method::Rps(r) = &t.method else {
+            unreachable!()
+        };
+        let pools: Vec<&[f32]> = r
+            .tensors
+            .iter()
+            .map(|x| &t.params[x.range.clone()])
+            .collect();
+        let e = graft_adapters::rps::expand(&r.layout, &pools).unwrap();
+        // LoRA's order: per target, A then B.
+        let mut out = Vec::new();
+        for (layer, p) in targets_for(c, &[Proj::Q, Proj::V]) {
+            for role in [Role::A, Role::B] {
+                out.extend_from_slice(&e[r.layout.find(layer, p, role).unwrap()]);
+            }
+        }
+        out
+    };
+    b.params = to_lora_order(&a);
+    for step in 0..4 {
+        let la = a.train_step(&ex).unwrap().loss;
+        let lb = b.train_step(&ex).unwrap().loss;
+        assert!(
+            (la - lb).abs() <= 1e-5 * lb.abs(),
+            "step {step}: loss {la} vs {lb}"
+        );
+        let got = to_lora_order(&a);
+        for (x, y) in got.iter().zip(&b.params) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "step {step}: {x} vs {y}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -81,12 +148,12 @@ fn parameter_gradients_match_finite_differences() {
             *v += rng.gen_range(-1e-3..1e-3);
         }
         let loss = |p: &[f64]| {
-            let tr = method.trainables(&m.config, p);
+            let tr = method.trainables(&m.config, p).unwrap();
             net.step(&ex, &tr, 1.0, StepOptions::default())
                 .unwrap()
                 .loss
         };
-        let tr = method.trainables(&m.config, &p[..]);
+        let tr = method.trainables(&m.config, &p[..]).unwrap();
         let opts = StepOptions {
             backward: true,
             recompute: false,
@@ -226,4 +293,49 @@ fn sara_trains_only_its_mask_and_round_trips() {
         all_logits(&m, &tokens, None)
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn rps_fast_f32_path_matches_the_reference_path() {
+    let m = model("llama-gqa-Q8_0.gguf");
+    let c = &m.config;
+    let (ex, _) = task_examples(&m, 3);
+    let net = Net::new(&m);
+    for cfg in [
+        RpsConfig::lora(4, 8.0, Budget::Ratio(0.1)),
+        RpsConfig::delta(Budget::Ratio(0.05)),
+    ] {
+        let method = Method::Rps(Rps::new(RpsLayout::new(c, &Proj::ALL, &cfg).unwrap()));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let p32: Vec<f32> = method
+            .init(&m, 2)
+            .unwrap()
+            .iter()
+            .map(|v| v + rng.gen_range(-1e-2..1e-2))
+            .collect();
+        let p64: Vec<f64> = p32.iter().map(|&v| v as f64).collect();
+        let opts = StepOptions {
+            backward: true,
+            recompute: false,
+        };
+        let g32 = {
+            let tr = method.trainables(c, &p32[..]).unwrap();
+            method
+                .param_grad(&net.step(&ex, &tr, 1.0, opts).unwrap().grads.unwrap())
+                .unwrap()
+        };
+        let g64 = {
+            let tr = method.trainables(c, &p64[..]).unwrap();
+            method
+                .param_grad(&net.step(&ex, &tr, 1.0, opts).unwrap().grads.unwrap())
+                .unwrap()
+        };
+        let scale = g64.iter().fold(0f64, |a, b| a.max(b.abs()));
+        for (i, (a, b)) in g32.iter().zip(&g64).enumerate() {
+            assert!(
+                ((*a as f64) - b).abs() <= 1e-3 * scale,
+                "param {i}: f32 {a} f64 {b}"
+            );
+        }
+    }
 }

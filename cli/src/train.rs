@@ -6,13 +6,15 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
+use graft_adapters::rps::{Budget, RpsConfig, RpsLayout, Scaler};
 use graft_adapters::sara::SaraMeta;
 use graft_adapters::train::data::{self, Data, Record};
-use graft_adapters::train::method::{parse_targets, targets_for, Full, Lora, Method, Sara};
+use graft_adapters::train::method::{parse_targets, targets_for, Full, Lora, Method, Rps, Sara};
 use graft_adapters::train::net::Example;
 use graft_adapters::train::optim::AdamWConfig;
 use graft_adapters::train::sara::default_lr;
 use graft_adapters::train::trainer::{TrainConfig, Trainer};
+use graft_runtime::model::ModelConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::{self, ModelArgs};
@@ -25,6 +27,23 @@ pub enum MethodArg {
     Full,
     /// SaRA: the smallest base weights (|w| < theta) train in place as a sparse delta.
     Sara,
+    /// STABLE-RPS: LoRA factors (or dense deltas) drawn from hashed shared pools.
+    Rps,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RpsModeArg {
+    /// RPS-LoRA: A and B of every target from two pools.
+    Lora,
+    /// RPS-Delta: every target's dense delta from one pool.
+    Delta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScalerArg {
+    V1,
+    V5,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,6 +54,8 @@ pub enum FormatArg {
     Peft,
     /// graft's SaRA sparse-delta .safetensors file (SaRA).
     Sara,
+    /// graft's STABLE-RPS .rps file: seed, mapping and pools (RPS).
+    Rps,
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +102,21 @@ pub struct TrainArgs {
     /// SaRA: skip the progressive re-selection at half the steps.
     #[arg(long)]
     pub no_progressive: bool,
+    /// RPS: what the pools parameterise.
+    #[arg(long, value_enum, default_value = "lora")]
+    pub rps_mode: RpsModeArg,
+    /// RPS: compression rho = pool slots / virtual parameters, in (0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    pub rho: f64,
+    /// RPS: pool slots in all (overrides --rho).
+    #[arg(long)]
+    pub budget: Option<u64>,
+    /// RPS: gradient scaler (v1: A^2/c, v5: sum lambda^2).
+    #[arg(long, value_enum, default_value = "v1")]
+    pub scaler: ScalerArg,
+    /// RPS: seed of the hash maps (stored in the file).
+    #[arg(long, default_value_t = graft_adapters::rps::DEFAULT_SEED)]
+    pub rps_seed: u64,
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -173,6 +209,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             )?)
         }
         MethodArg::Full => Method::Full(Full::new(&model)),
+        MethodArg::Rps => rps_method(args, c)?,
         MethodArg::Sara => {
             let projs = parse_targets(&args.targets)?;
             Method::Sara(Sara::new(
@@ -187,9 +224,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let format = match (args.method, args.format) {
         (MethodArg::Lora, None) | (MethodArg::Full, None) => FormatArg::Gguf,
         (MethodArg::Sara, None) => FormatArg::Sara,
+        (MethodArg::Rps, None) => FormatArg::Rps,
         (MethodArg::Lora, Some(f @ (FormatArg::Gguf | FormatArg::Peft)))
         | (MethodArg::Full, Some(f @ FormatArg::Gguf))
-        | (MethodArg::Sara, Some(f @ FormatArg::Sara)) => f,
+        | (MethodArg::Sara, Some(f @ FormatArg::Sara))
+        | (MethodArg::Rps, Some(f @ FormatArg::Rps)) => f,
         (m, Some(f)) => bail!("--method {m:?} cannot be written as --format {f:?}"),
     };
     let lr = args.lr.unwrap_or(match args.method {
@@ -293,6 +332,25 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn rps_method(args: &TrainArgs, c: &ModelConfig) -> Result<Method> {
+    let budget = match args.budget {
+        Some(m) => Budget::Slots(m),
+        None => Budget::Ratio(args.rho),
+    };
+    let mut rc = match args.rps_mode {
+        RpsModeArg::Lora => RpsConfig::lora(args.rank, args.alpha, budget),
+        RpsModeArg::Delta => RpsConfig::delta(budget),
+    };
+    rc.seed = args.rps_seed;
+    rc.scaler = match args.scaler {
+        ScalerArg::V1 => Scaler::V1,
+        ScalerArg::V5 => Scaler::V5,
+        ScalerArg::None => Scaler::None,
+    };
+    let projs = parse_targets(&args.targets)?;
+    Ok(Method::Rps(Rps::new(RpsLayout::new(c, &projs, &rc)?)))
+}
+
 fn save(trainer: &Trainer<'_>, args: &TrainArgs, format: FormatArg) -> Result<()> {
     let model = trainer.model;
     match (&trainer.method, format) {
@@ -319,6 +377,14 @@ fn save(trainer: &Trainer<'_>, args: &TrainArgs, format: FormatArg) -> Result<()
                 ..SaraMeta::new(model.config.arch)
             };
             graft_adapters::sara::save(&adapter, &meta, &args.out)?;
+        }
+        (Method::Rps(r), _) => {
+            let pools: Vec<&[f32]> = r
+                .tensors
+                .iter()
+                .map(|t| &trainer.params[t.range.clone()])
+                .collect();
+            graft_adapters::rps::save(&args.out, &r.layout, &pools)?;
         }
         (m, f) => bail!("{} cannot be written as {f:?}", m.name()),
     }

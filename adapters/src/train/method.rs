@@ -14,6 +14,7 @@ use super::sara::{
 };
 use super::TrainError;
 use crate::delta::{f32_weight, projection_shape, Adapter, AdapterFormat, LoraDelta, TensorDelta};
+use crate::rps::{Role, RpsLayout};
 
 /// LoRA on a set of (layer, projection) targets: `A [rank, in]` (Kaiming-uniform
 /// init, as PEFT) and `B [out, rank]` (zero init, so step 0 is the base).
@@ -316,11 +317,119 @@ impl Sara {
     }
 }
 
+/// STABLE-RPS: every adapted projection's LoRA factors (RPS-LoRA) or dense delta
+/// (RPS-Delta) drawn from hashed shared pools; the pools are the parameters.
+#[derive(Debug, Clone)]
+pub struct Rps {
+    pub layout: RpsLayout,
+    /// One tensor per pool (`z_a`, `z_b` or `z`).
+    pub tensors: Vec<ParamTensor>,
+}
+
+impl Rps {
+    pub fn new(layout: RpsLayout) -> Rps {
+        let mut at = 0;
+        let tensors = layout
+            .pools()
+            .iter()
+            .map(|p| {
+                let n = p.m() as usize;
+                let t = ParamTensor {
+                    name: p.name().to_owned(),
+                    rows: 1,
+                    cols: n,
+                    range: at..at + n,
+                    decay: true,
+                };
+                at += n;
+                t
+            })
+            .collect();
+        Rps { layout, tensors }
+    }
+
+    fn pools<'p, T>(&self, params: &'p [T]) -> Vec<&'p [T]> {
+        self.tensors
+            .iter()
+            .map(|t| &params[t.range.clone()])
+            .collect()
+    }
+
+    /// Every virtual tensor's values. f32 takes the run-based fast path; other
+    /// scalars (the f64 gradient checks) hash every position.
+    fn expand<T: Real>(&self, params: &[T]) -> Result<Vec<Vec<T>>, TrainError> {
+        let pools = self.pools(params);
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+            let f: Vec<Vec<f32>> = pools
+                .iter()
+                .map(|p| p.iter().map(|v| v.to_f32()).collect())
+                .collect();
+            let e = crate::rps::expand(&self.layout, &f)?;
+            return Ok(e
+                .into_iter()
+                .map(|t| t.into_iter().map(T::from_f32).collect())
+                .collect());
+        }
+        Ok(self
+            .layout
+            .tensors()
+            .iter()
+            .map(|t| {
+                let fold = self.layout.pools()[t.pool()].fold();
+                let z = pools[t.pool()];
+                (0..t.len() as u64)
+                    .map(|i| {
+                        let p = t.offset + i;
+                        T::from_f32(t.lambda * fold.sign(p)) * z[fold.slot(p) as usize]
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The adjoint of [`expand`](Self::expand): the true gradient of the pools.
+    fn scatter<T: Real>(&self, grads: &[Vec<T>]) -> Result<Vec<T>, TrainError> {
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+            let f: Vec<Vec<f32>> = grads
+                .iter()
+                .map(|g| g.iter().map(|v| v.to_f32()).collect())
+                .collect();
+            let dz = crate::rps::scatter_grad(&self.layout, &f)?;
+            return Ok(dz.into_iter().flatten().map(T::from_f32).collect());
+        }
+        let mut pools: Vec<Vec<T>> = self.tensors.iter().map(|t| vec![T::ZERO; t.cols]).collect();
+        for (t, g) in self.layout.tensors().iter().zip(grads) {
+            let fold = self.layout.pools()[t.pool()].fold();
+            for (i, &gv) in g.iter().enumerate() {
+                let p = t.offset + i as u64;
+                pools[t.pool()][fold.slot(p) as usize] += T::from_f32(t.lambda * fold.sign(p)) * gv;
+            }
+        }
+        Ok(pools.into_iter().flatten().collect())
+    }
+
+    /// STABLE-RPS's gradient scaler: slot j's gradient divided by S_j, so a step on
+    /// the pool is the mean of the colliding dense steps.
+    fn scale_gradient(&self, grad: &mut [f32]) -> Result<(), TrainError> {
+        let mut pools: Vec<Vec<f32>> = self
+            .tensors
+            .iter()
+            .map(|t| grad[t.range.clone()].to_vec())
+            .collect();
+        self.layout.apply_scaler(&mut pools)?;
+        for (t, p) in self.tensors.iter().zip(pools) {
+            grad[t.range.clone()].copy_from_slice(&p);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Method {
     Lora(Lora),
     Full(Full),
     Sara(Sara),
+    Rps(Rps),
 }
 
 impl Method {
@@ -329,6 +438,7 @@ impl Method {
             Method::Lora(_) => "lora",
             Method::Full(_) => "full",
             Method::Sara(_) => "sara",
+            Method::Rps(_) => "rps",
         }
     }
 
@@ -338,6 +448,7 @@ impl Method {
             Method::Lora(l) => &l.tensors,
             Method::Full(f) => &f.layout.tensors,
             Method::Sara(s) => &s.tensors,
+            Method::Rps(r) => &r.tensors,
         }
     }
 
@@ -377,6 +488,7 @@ impl Method {
                 .iter()
                 .flat_map(|p| p.live.init.iter().copied())
                 .collect()),
+            Method::Rps(r) => Ok(r.layout.init_pools(seed).into_iter().flatten().collect()),
         }
     }
 
@@ -385,7 +497,7 @@ impl Method {
         &'a self,
         c: &ModelConfig,
         params: &'a [T],
-    ) -> Trainables<'a, T> {
+    ) -> Result<Trainables<'a, T>, TrainError> {
         let mut tr = Trainables::none(c);
         match self {
             Method::Lora(l) => {
@@ -409,8 +521,40 @@ impl Method {
                     });
                 }
             }
+            Method::Rps(r) => {
+                let mut values: Vec<Option<Vec<T>>> =
+                    r.expand(params)?.into_iter().map(Some).collect();
+                let vt = r.layout.tensors();
+                let scale = T::from_f32(r.layout.lora_scale());
+                for i in 0..vt.len() {
+                    let t = vt[i];
+                    match t.role {
+                        Role::A => {
+                            let j = r.layout.find(t.layer, t.proj, Role::B).ok_or_else(|| {
+                                TrainError::Shape(format!("{}: lora_b missing", t.name()))
+                            })?;
+                            let (a, b) = (values[i].take(), values[j].take());
+                            if let (Some(a), Some(b)) = (a, b) {
+                                tr.deltas[slot(t.layer, t.proj)] = Some(DeltaOp::LowRank {
+                                    a: Cow::Owned(a),
+                                    b: Cow::Owned(b),
+                                    rank: t.rows,
+                                    scale,
+                                });
+                            }
+                        }
+                        Role::Delta => {
+                            if let Some(w) = values[i].take() {
+                                tr.deltas[slot(t.layer, t.proj)] =
+                                    Some(DeltaOp::Dense { w: Cow::Owned(w) });
+                            }
+                        }
+                        Role::B => {}
+                    }
+                }
+            }
         }
-        tr
+        Ok(tr)
     }
 
     /// The gradient of the flat parameters from the network's gradients.
@@ -457,8 +601,34 @@ impl Method {
                     }
                 }
             }
+            Method::Rps(r) => {
+                let tg: Vec<Vec<T>> = r
+                    .layout
+                    .tensors()
+                    .iter()
+                    .map(|t| {
+                        let zero = || vec![T::ZERO; t.len()];
+                        match (&grads.deltas[slot(t.layer, t.proj)], t.role) {
+                            (Some(DeltaGrad::LowRank { da, .. }), Role::A) => da.clone(),
+                            (Some(DeltaGrad::LowRank { db, .. }), Role::B) => db.clone(),
+                            (Some(DeltaGrad::Dense { dw }), Role::Delta) => dw.clone(),
+                            _ => zero(),
+                        }
+                    })
+                    .collect();
+                g = r.scatter(&tg)?;
+            }
         }
         Ok(g)
+    }
+
+    /// Rescales the true gradient before the optimizer step where the method says so
+    /// (STABLE-RPS's scaler); a no-op for the others.
+    pub fn precondition(&self, grad: &mut [f32]) -> Result<(), TrainError> {
+        match self {
+            Method::Rps(r) => r.scale_gradient(grad),
+            _ => Ok(()),
+        }
     }
 
     /// The trained deltas as an adapter the inference engine runs (LoRA), so
@@ -492,6 +662,10 @@ impl Method {
                     ad.insert(c, part.layer, part.proj, TensorDelta::Sparse(delta))?;
                 }
                 Ok(ad)
+            }
+            Method::Rps(r) => {
+                let pools = r.pools(params);
+                Ok(r.layout.to_adapter(&model.config, &pools, PathBuf::new())?)
             }
             Method::Full(_) => Err(TrainError::Config(
                 "full training produces a model, not an adapter".into(),

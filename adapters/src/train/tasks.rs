@@ -41,7 +41,7 @@ pub enum Task {
     Reverse,
     /// `upper: a b =` -> `A B`.
     Upper,
-    /// `recall: a=3 b=7 c=1 ; b ?` -> `7`.
+    /// `recall: a 3 b 7 c 1 ; b ?` -> `7`.
     Recall,
     /// `add: 3 + 4 =` -> `7`.
     Add,
@@ -170,10 +170,11 @@ pub fn record(task: Task, rng: &mut StdRng) -> Record {
             let keys: Vec<&str> = NOUNS.choose_multiple(rng, n).copied().collect();
             let vals: Vec<u32> = (0..n).map(|_| rng.gen_range(0..10)).collect();
             let q = rng.gen_range(0..n);
+            // Spaces, not `k=v`: the value must be its own token, as in the answer.
             let pairs: Vec<String> = keys
                 .iter()
                 .zip(&vals)
-                .map(|(k, v)| format!("{k}={v}"))
+                .map(|(k, v)| format!("{k} {v}"))
                 .collect();
             (
                 format!("recall: {} ; {} ?", pairs.join(" "), keys[q]),
@@ -253,10 +254,9 @@ mod tests {
                 .split_once(" ; ")
                 .unwrap();
             let key = q.trim_end_matches(" ?");
-            let val = pairs
-                .split(' ')
-                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-                .unwrap();
+            let words: Vec<&str> = pairs.split(' ').collect();
+            let at = words.iter().position(|w| *w == key).unwrap();
+            let val = words[at + 1];
             assert_eq!(val, r.completion);
         }
     }

@@ -130,7 +130,7 @@ impl<'m> Trainer<'m> {
             ));
         }
         let net = Net::new(self.model);
-        let tr = self.method.trainables(&self.model.config, &self.params);
+        let tr = self.method.trainables(&self.model.config, &self.params)?;
         let weight = 1.0 / n_targets as f64;
         let opts = StepOptions {
             backward: true,
@@ -157,6 +157,7 @@ impl<'m> Trainer<'m> {
             .next_u64();
             loss += s.add_rank_gradient(&self.params, &mut grad, draw)? as f64;
         }
+        self.method.precondition(&mut grad)?;
         let grad_norm = clip_grad_norm(&mut grad, c.clip);
         let lr = self.schedule().lr_at(self.step);
         self.opt
@@ -182,7 +183,7 @@ impl<'m> Trainer<'m> {
     /// Mean loss per target token over `examples`.
     pub fn eval_loss(&self, examples: &[Example]) -> Result<f64, TrainError> {
         let net = Net::new(self.model);
-        let tr = self.method.trainables(&self.model.config, &self.params);
+        let tr = self.method.trainables(&self.model.config, &self.params)?;
         let (mut loss, mut n) = (0.0, 0usize);
         for chunk in examples.chunks(self.config.batch.max(1)) {
             let out = net.step(chunk, &tr, 1.0, StepOptions::default())?;

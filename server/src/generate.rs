@@ -360,6 +360,18 @@ fn resolve_adapters(
         return Ok((None, "base".to_owned()));
     }
     let handles = st.registry.resolve_handles(&members).map_err(|e| match e {
+        // Unloaded since the check above: the same answer as if it had been gone then.
+        graft_adapters::AdapterError::Registry(RegistryError::NotLoaded { name })
+            if req.model.as_deref() == Some(name.as_str()) =>
+        {
+            ApiError::not_found(
+                "model_not_found",
+                format!(
+                    "model {name:?} is neither the base model ({:?}) nor a loaded adapter",
+                    st.opts.model_id
+                ),
+            )
+        }
         graft_adapters::AdapterError::Registry(RegistryError::NotLoaded { name }) => {
             ApiError::not_found(
                 "adapter_not_found",

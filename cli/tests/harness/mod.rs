@@ -102,6 +102,9 @@ impl Server {
         key: Option<&str>,
     ) -> TcpStream {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        // A hung server fails the test instead of hanging it.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(300)))
+            .unwrap();
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()

@@ -42,7 +42,8 @@ pub struct ServeBenchArgs {
     pub max_concurrency: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub num_prompts: usize,
-    /// Prompt length in tokens, about (random common words, about one token each).
+    /// Prompt length in tokens, about: random common words, their count calibrated
+    /// by one request's reported prompt tokens.
     #[arg(long, default_value_t = 128)]
     pub input_len: usize,
     /// Tokens asked of every request (`max_tokens`, with `ignore_eos`).
@@ -407,6 +408,46 @@ async fn list_models(t: &Target, key: Option<&str>) -> Result<(Option<String>, V
     Ok((base, adapters))
 }
 
+/// Words per prompt so that prompts are about `len` tokens: one non-streaming request
+/// of `len` words reports its `usage.prompt_tokens` (any OpenAI server does), and the
+/// count is scaled by it. Without usage, one word per token is assumed.
+async fn calibrate_words(
+    t: &Target,
+    key: Option<&str>,
+    len: usize,
+    model: Option<&str>,
+    seed: u64,
+) -> Result<usize> {
+    let mut body = json!({
+        "prompt": prompt(&mut Rng(seed), len),
+        "max_tokens": 1,
+        "temperature": 0,
+    });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    let (status, resp) = send(
+        t,
+        key,
+        hyper::Method::POST,
+        "/v1/completions",
+        Some(body.to_string()),
+    )
+    .await?;
+    let bytes = read_all(resp).await?;
+    if status != 200 {
+        bail!(
+            "the calibration request failed: HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok(match v["usage"]["prompt_tokens"].as_u64() {
+        Some(p) if p > 0 => ((len * len) as f64 / p as f64).round().max(1.0) as usize,
+        _ => len,
+    })
+}
+
 /// What one request measured.
 #[derive(Debug, Default, Clone)]
 struct Outcome {
@@ -610,6 +651,14 @@ async fn bench(args: &ServeBenchArgs, target: Arc<Target>) -> Result<()> {
     }
     let base_model = args.model.clone().or(base_id);
 
+    let words = calibrate_words(
+        &target,
+        key.as_deref(),
+        args.input_len,
+        base_model.as_deref(),
+        args.seed ^ 0xca1,
+    )
+    .await?;
     let mut rng = Rng(args.seed);
     let assigned = assign_adapters(args, k, &mut Rng(args.seed ^ 0xada9));
     let times = arrivals(
@@ -636,14 +685,14 @@ async fn bench(args: &ServeBenchArgs, target: Arc<Target>) -> Result<()> {
     };
     let bodies: Vec<String> = assigned
         .iter()
-        .map(|&a| body_of(prompt(&mut rng, args.input_len), a))
+        .map(|&a| body_of(prompt(&mut rng, words), a))
         .collect();
 
     // One request first, as vLLM does: fail fast on a wrong URL, model or key.
     let probe = one_request(
         target.clone(),
         key.clone(),
-        body_of(prompt(&mut Rng(args.seed ^ 0x9e), args.input_len), None),
+        body_of(prompt(&mut Rng(args.seed ^ 0x9e), words), None),
     )
     .await;
     if !probe.success {
@@ -726,6 +775,7 @@ async fn bench(args: &ServeBenchArgs, target: Arc<Target>) -> Result<()> {
         ("request_rate", rate),
         ("max_concurrency", json!(args.max_concurrency)),
         ("input_len", json!(args.input_len)),
+        ("prompt_words", json!(words)),
         ("output_len", json!(args.output_len)),
         ("adapters", json!(k)),
         ("adapter_names", json!(names)),

@@ -66,7 +66,9 @@ fn bench_serve_reports_every_metric_for_a_multi_adapter_run() {
     assert_eq!(v["adapter_names"], serde_json::json!(["A", "B"]));
     // ignore_eos: exactly output_len tokens each, counted by the server's usage.
     assert_eq!(v["total_output_tokens"], n * 8, "{v}");
-    assert!(v["total_input_tokens"].as_u64().unwrap() >= n as u64 * 16);
+    // Prompt words are calibrated to about 16 tokens each.
+    let input = v["total_input_tokens"].as_u64().unwrap();
+    assert!((n as u64 * 12..=n as u64 * 20).contains(&input), "{v}");
     for name in ["ttft", "tpot", "itl", "e2el"] {
         let get = |stat: &str| {
             v[format!("{stat}_{name}_ms")]

@@ -510,6 +510,7 @@ async fn one_request(t: Arc<Target>, key: Option<Arc<str>>, body: String) -> Out
         let mut events = Vec::new();
         let mut last: Option<Instant> = None;
         let mut chunks = 0usize;
+        let mut text_chunks = 0usize;
         let mut usage_tokens = None;
         let mut done = false;
         while let Some(frame) = resp.frame().await {
@@ -533,7 +534,9 @@ async fn one_request(t: Arc<Target>, key: Option<Arc<str>>, body: String) -> Out
                     usage_tokens = u["completion_tokens"].as_u64().map(|n| n as usize);
                     o.prompt_tokens = u["prompt_tokens"].as_u64().map(|n| n as usize);
                 }
-                if v["choices"].as_array().is_some_and(|c| !c.is_empty()) {
+                if let Some(c) = v["choices"].get(0) {
+                    let text = c["text"].as_str().or(c["delta"]["content"].as_str());
+                    text_chunks += usize::from(text.is_some_and(|t| !t.is_empty()));
                     match last {
                         None => o.ttft = (now - start).as_secs_f64(),
                         Some(prev) => o.itl.push((now - prev).as_secs_f64()),
@@ -549,8 +552,9 @@ async fn one_request(t: Arc<Target>, key: Option<Arc<str>>, body: String) -> Out
         if !done {
             bail!("the stream ended without [DONE]");
         }
-        // Servers that report usage say exactly; else one chunk per token.
-        o.output_tokens = usage_tokens.unwrap_or(chunks);
+        // Servers that report usage say exactly; else one chunk with text per token
+        // (llama.cpp's servers; their last chunk only carries the finish reason).
+        o.output_tokens = usage_tokens.unwrap_or(text_chunks);
         Ok(())
     }
     .await;

@@ -57,6 +57,9 @@ pub enum BenchMode {
     /// Offline serving throughput (vLLM's `bench throughput`): all requests queued at
     /// once, run by the continuous-batching engine; prints one JSON line.
     Throughput(crate::bench_throughput::ThroughputArgs),
+    /// Online serving benchmark (vLLM's `bench serve`) against a running server:
+    /// streams /v1/completions, reports TTFT, TPOT, ITL, E2E and throughput as JSON.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 /// The delta of each sequence of the batch.
@@ -143,6 +146,7 @@ fn adapter_load_ms(args: &ModelArgs, model: &Model, reps: usize) -> Result<f64> 
 pub fn run(args: &BenchArgs) -> Result<()> {
     match (&args.mode, &args.model) {
         (Some(BenchMode::Throughput(t)), _) => crate::bench_throughput::run(t),
+        (Some(BenchMode::Serve(s)), _) => crate::bench_serve::run(s),
         (None, Some(m)) => run_model(args, m),
         (None, None) => Err(anyhow!("give --model (see graft bench --help)")),
     }

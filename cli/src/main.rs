@@ -1,6 +1,7 @@
 //! `graft`: the command-line front of the graft runtime.
 
 mod bench;
+mod bench_serve;
 mod bench_throughput;
 mod common;
 mod inspect;

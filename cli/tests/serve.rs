@@ -1,329 +1,12 @@
-//! End-to-end tests of `graft serve`: the real binary on an ephemeral port, driven by a
-//! minimal HTTP/1.1 client over `TcpStream` (no client crate needed for JSON and SSE).
+//! End-to-end tests of `graft serve`: the real binary on an ephemeral port.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod harness;
+
+use std::process::Command;
 use std::sync::mpsc;
 
+use harness::*;
 use serde_json::{json, Value};
-
-fn models() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/models");
-    assert!(
-        dir.is_dir(),
-        "conformance suite missing: expected {}",
-        dir.display()
-    );
-    dir
-}
-
-fn base() -> PathBuf {
-    models().join("llama-gqa-Q8_0.gguf")
-}
-
-fn lora_a() -> PathBuf {
-    models().join("llama-gqa-lora-all-r8.gguf")
-}
-
-fn lora_b() -> PathBuf {
-    models().join("llama-gqa-lora-qv-r4-peft")
-}
-
-/// An adapter root holding copies of the test adapters (and the qwen2 one).
-fn adapter_root(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("graft-serve-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("b")).unwrap();
-    std::fs::copy(lora_a(), dir.join("a.gguf")).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(lora_b().join(f), dir.join("b").join(f)).unwrap();
-    }
-    std::fs::copy(
-        models().join("qwen2-lora-all-r8.gguf"),
-        dir.join("qwen2.gguf"),
-    )
-    .unwrap();
-    dir
-}
-
-struct Server {
-    child: Child,
-    port: u16,
-    key: Option<String>,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
-        cmd.arg("serve")
-            .arg("-m")
-            .arg(base())
-            .args(["--port", "0", "--threads", "1"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start graft serve");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let mut port = None;
-        let mut seen = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                port = rest.rsplit(':').next().and_then(|p| p.trim().parse().ok());
-                break;
-            }
-            seen.push(line);
-        }
-        let Some(port) = port else {
-            let _ = child.kill();
-            panic!("graft serve did not start: {}", seen.join("\n"));
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        let key = extra
-            .iter()
-            .position(|a| *a == "--api-key")
-            .map(|i| extra[i + 1].to_owned());
-        Server { child, port, key }
-    }
-
-    fn connect(&self, method: &str, path: &str, body: &[u8], auth: bool) -> TcpStream {
-        self.connect_as(method, path, body, self.key.as_deref().filter(|_| auth))
-    }
-
-    fn connect_as(&self, method: &str, path: &str, body: &[u8], key: Option<&str>) -> TcpStream {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if let Some(k) = key {
-            head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-        }
-        head.push_str("\r\n");
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        s
-    }
-
-    /// Status, headers (lower-case names) and the whole body.
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: &[u8],
-        auth: bool,
-    ) -> (u16, Vec<(String, String)>, String) {
-        let s = self.connect(method, path, body, auth);
-        let mut r = Response::read(s);
-        let mut out = Vec::new();
-        while let Some(chunk) = r.next_chunk() {
-            out.extend_from_slice(&chunk);
-        }
-        (r.status, r.headers, String::from_utf8(out).unwrap())
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, _, text) = self.request("POST", path, body.to_string().as_bytes(), true);
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
-        (status, v)
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let (status, _, text) = self.request("GET", path, b"", true);
-        (status, text)
-    }
-
-    /// The text of a successful non-streaming completion.
-    fn complete(&self, body: &Value) -> String {
-        let (status, v) = self.post("/v1/completions", body);
-        assert_eq!(status, 200, "{v}");
-        v["choices"][0]["text"].as_str().unwrap().to_owned()
-    }
-
-    fn chat(&self, body: &Value) -> String {
-        let (status, v) = self.post("/v1/chat/completions", body);
-        assert_eq!(status, 200, "{v}");
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    /// Opens a streaming request; its SSE `data:` payloads come from `next_event`.
-    fn stream(&self, path: &str, body: &Value) -> Sse {
-        let s = self.connect("POST", path, body.to_string().as_bytes(), true);
-        let r = Response::read(s);
-        assert_eq!(r.status, 200);
-        Sse {
-            r,
-            buf: String::new(),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An HTTP/1.1 response read incrementally (chunked or with Content-Length).
-struct Response {
-    reader: BufReader<TcpStream>,
-    status: u16,
-    headers: Vec<(String, String)>,
-    chunked: bool,
-    remaining: Option<usize>,
-    done: bool,
-}
-
-impl Response {
-    fn read(s: TcpStream) -> Response {
-        let mut reader = BufReader::new(s);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h).unwrap();
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap();
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        let chunked = get("transfer-encoding").is_some_and(|v| v.contains("chunked"));
-        let remaining = get("content-length").and_then(|v| v.parse().ok());
-        Response {
-            reader,
-            status,
-            headers,
-            chunked,
-            remaining,
-            done: false,
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn next_chunk(&mut self) -> Option<Vec<u8>> {
-        if self.done {
-            return None;
-        }
-        if self.chunked {
-            let mut size = String::new();
-            self.reader.read_line(&mut size).unwrap();
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
-            if n == 0 {
-                self.done = true;
-                return None;
-            }
-            let mut buf = vec![0; n + 2];
-            self.reader.read_exact(&mut buf).unwrap();
-            buf.truncate(n);
-            Some(buf)
-        } else {
-            self.done = true;
-            let mut buf = Vec::new();
-            match self.remaining {
-                Some(n) => {
-                    buf.resize(n, 0);
-                    self.reader.read_exact(&mut buf).unwrap();
-                }
-                None => {
-                    self.reader.read_to_end(&mut buf).unwrap();
-                }
-            }
-            Some(buf)
-        }
-    }
-}
-
-struct Sse {
-    r: Response,
-    buf: String,
-}
-
-impl Sse {
-    /// The next `data:` payload, or None at the end of the body.
-    fn next_event(&mut self) -> Option<String> {
-        loop {
-            if let Some(i) = self.buf.find("\n\n") {
-                let event: String = self.buf.drain(..i + 2).collect();
-                let data: Vec<&str> = event
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                    .collect();
-                if data.is_empty() {
-                    continue; // comments / keep-alives
-                }
-                return Some(data.join("\n"));
-            }
-            let chunk = self.r.next_chunk()?;
-            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        }
-    }
-
-    /// Every payload to the end; panics unless the stream ends with `[DONE]`.
-    /// Returns the concatenated text and the finish reason.
-    fn collect(mut self, chat: bool) -> (String, String) {
-        let mut text = String::new();
-        let mut finish = None;
-        let mut done = false;
-        while let Some(d) = self.next_event() {
-            assert!(!done, "data after [DONE]: {d}");
-            if d == "[DONE]" {
-                done = true;
-                continue;
-            }
-            text.push_str(&piece(&d, chat, &mut finish));
-        }
-        assert!(done, "stream did not end with [DONE]");
-        (text, finish.expect("no finish_reason in the stream"))
-    }
-}
-
-/// The text of one SSE chunk (completion `text` or chat `delta.content`).
-fn piece(data: &str, chat: bool, finish: &mut Option<String>) -> String {
-    let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
-    assert!(v.get("error").is_none(), "error in stream: {v}");
-    let Some(c) = v["choices"].get(0) else {
-        return String::new(); // the usage chunk
-    };
-    if let Some(f) = c["finish_reason"].as_str() {
-        *finish = Some(f.to_owned());
-    }
-    let t = if chat {
-        &c["delta"]["content"]
-    } else {
-        &c["text"]
-    };
-    t.as_str().unwrap_or("").to_owned()
-}
 
 /// `graft run` stdout without its trailing newline.
 fn graft_run(prompt: &str, n: usize, adapter: Option<String>, chat: bool) -> String {
@@ -1032,4 +715,98 @@ fn sigterm_drains_open_streams_then_exits() {
     assert_eq!((text.as_str(), finish.as_str()), (want.as_str(), "length"));
     let exit = srv.child.wait().unwrap();
     assert!(exit.success(), "graft serve exited with {exit}");
+}
+
+#[test]
+fn client_disconnect_cancels_queued_requests_and_frees_their_slot() {
+    // One running sequence: everything after the long request waits in the queue.
+    let srv = start_with_adapters(&["--max-running", "1", "--kv-blocks", "1024"]);
+    let long_tokens = 2000;
+    let long = json!({"prompt": "Hello world", "max_tokens": long_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut running = srv.stream("/v1/completions", &long);
+    let first = running.next_event().unwrap();
+    // A streaming request and a plain one queue behind it.
+    let queued = json!({"model": "A", "prompt": "Hi", "max_tokens": 8, "stream": true});
+    let q1 = srv.stream("/v1/completions", &queued);
+    let mut plain = queued.clone();
+    plain["stream"] = json!(false);
+    let q2 = srv.connect(
+        "POST",
+        "/v1/completions",
+        plain.to_string().as_bytes(),
+        true,
+    );
+    wait_metrics(&srv, "two queued requests", |t| {
+        metric_value(t, "graft_queue_depth") == 2.0
+    });
+    // Both clients leave while their requests are still queued.
+    drop(q1);
+    drop(q2);
+    let text = wait_metrics(&srv, "the queued requests to be cancelled", |t| {
+        metric_value(t, "graft_cancelled_requests_total") == 2.0
+    });
+    assert_eq!(metric_value(&text, "graft_queue_depth"), 0.0, "{text}");
+    assert_eq!(
+        metric_value(&text, "graft_running_sequences"),
+        1.0,
+        "the long request must still be running when the queued ones are cancelled \
+         (else this test proves nothing): {text}"
+    );
+    assert_eq!(metric_value(&text, "graft_aborted_requests_total"), 2.0);
+    // The long request is unaffected and ends with all its tokens.
+    let mut finish = None;
+    let mut n_chunks = usize::from(!piece(&first, false, &mut finish).is_empty());
+    let mut done = false;
+    while let Some(d) = running.next_event() {
+        if d == "[DONE]" {
+            done = true;
+            continue;
+        }
+        n_chunks += usize::from(!piece(&d, false, &mut finish).is_empty());
+    }
+    assert!(done && finish.as_deref() == Some("length"), "{finish:?}");
+    assert!(n_chunks > 0);
+    // Their slots are free: a new request is admitted and completes.
+    let t =
+        srv.complete(&json!({"model": "A", "prompt": "Hi", "max_tokens": 8, "ignore_eos": true}));
+    assert!(!t.is_empty());
+    let text = wait_metrics(&srv, "an idle engine", |t| {
+        metric_value(t, "graft_running_sequences") == 0.0
+    });
+    assert_eq!(metric_value(&text, "graft_cancelled_requests_total"), 2.0);
+    assert_eq!(metric_value(&text, "graft_kv_blocks_used"), 0.0);
+    assert_eq!(metric_value(&text, "graft_requests_in_flight"), 0.0);
+    // Latency histograms: one TTFT and E2E sample per finished request, one ITL
+    // sample per later token.
+    assert_eq!(
+        metric_value(&text, "graft_time_to_first_token_seconds_count"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&text, "graft_e2e_request_latency_seconds_count"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&text, "graft_inter_token_latency_seconds_count"),
+        (long_tokens - 1 + 7) as f64
+    );
+    assert!(
+        text.contains("graft_inter_token_latency_seconds_bucket{le=\"+Inf\"} 2006"),
+        "{text}"
+    );
+    assert!(metric_value(&text, "graft_e2e_request_latency_seconds_sum") > 0.0);
+    assert_eq!(
+        metric_value(&text, "graft_generated_tokens_total"),
+        (long_tokens + 8) as f64
+    );
+    assert!(metric_value(&text, "graft_engine_steps_total") >= (long_tokens + 8) as f64);
+    for name in [
+        "graft_batch_size",
+        "graft_kv_cache_usage_ratio",
+        "graft_preemptions_total",
+        "graft_batch_tokens_total",
+        "graft_adapters_loaded",
+    ] {
+        metric_value(&text, name);
+    }
 }

@@ -16,6 +16,7 @@
 //! with the same seed), up to the batch invariance of the forward pass.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::generate::{FinishReason, GenerateParams};
@@ -138,6 +139,8 @@ pub struct Engine<'m> {
     next_id: RequestId,
     step: u64,
     preemptions: u64,
+    /// (tokens, sequences) of the last forward step.
+    last_batch: (usize, usize),
 }
 
 impl<'m> Engine<'m> {
@@ -158,6 +161,7 @@ impl<'m> Engine<'m> {
             next_id: 0,
             step: 0,
             preemptions: 0,
+            last_batch: (0, 0),
         }
     }
 
@@ -176,6 +180,11 @@ impl<'m> Engine<'m> {
     /// Sequences preempted so far (KV cache full).
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// Tokens and sequences of the last forward step.
+    pub fn last_batch(&self) -> (usize, usize) {
+        self.last_batch
     }
 
     pub fn is_idle(&self) -> bool {
@@ -374,6 +383,7 @@ impl<'m> Engine<'m> {
             deltas.as_ref(),
         )?;
         drop(deltas);
+        self.last_batch = (batch.len(), plan.len());
         for &(i, n) in &plan {
             let s = &mut self.running[i];
             s.cached += n;
@@ -467,6 +477,44 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     commands: std::sync::mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
+}
+
+/// Live numbers of an [`EngineThread`], published after every command and step (for a
+/// server's metrics; reading them never waits for the engine).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests queued for admission.
+    pub waiting: AtomicUsize,
+    /// Sequences admitted (holding or about to hold KV blocks).
+    pub running: AtomicUsize,
+    pub kv_used_blocks: AtomicUsize,
+    pub kv_total_blocks: AtomicUsize,
+    /// Sequences in the last forward step.
+    pub last_batch_sequences: AtomicUsize,
+    pub steps: AtomicU64,
+    /// Tokens fed to forward steps, and sequences served by them, summed over steps.
+    pub batch_tokens: AtomicU64,
+    pub batch_sequences: AtomicU64,
+    pub preemptions: AtomicU64,
+    /// Requests cancelled before finishing (client gone, or a failed step).
+    pub cancelled: AtomicU64,
+}
+
+impl EngineStats {
+    fn publish(&self, engine: &Engine) {
+        let cache = engine.cache();
+        let r = Ordering::Relaxed;
+        self.waiting.store(engine.n_waiting(), r);
+        self.running.store(engine.n_running(), r);
+        self.kv_total_blocks.store(cache.total_blocks(), r);
+        self.kv_used_blocks
+            .store(cache.total_blocks() - cache.free_blocks(), r);
+        self.preemptions.store(engine.preemptions(), r);
+        if engine.n_running() == 0 {
+            self.last_batch_sequences.store(0, r);
+        }
+    }
 }
 
 /// Joins the engine thread when the last owner drops it.
@@ -484,11 +532,16 @@ impl EngineThread {
         config: EngineConfig,
     ) -> std::io::Result<EngineThread> {
         let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let stats = Arc::new(EngineStats::default());
+        let loop_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("graft-engine".into())
-            .spawn(move || engine_loop(&model, &tokenizer, cache, config, rx))?;
+            .spawn(move || engine_loop(&model, &tokenizer, cache, config, rx, &loop_stats))?;
         Ok(EngineThread {
-            handle: EngineHandle { commands: tx },
+            handle: EngineHandle {
+                commands: tx,
+                stats,
+            },
             thread: Some(thread),
         })
     }
@@ -539,9 +592,15 @@ impl EngineHandle {
         Ok((id, rx))
     }
 
-    /// Cancels a request (its receiver gets `Done` with finish `Cancelled`).
+    /// Cancels a request (its receiver gets `Done` with finish `Cancelled`), queued or
+    /// running; a no-op once it has finished.
     pub fn cancel(&self, id: RequestId) {
         let _ = self.commands.send(Command::Cancel(id));
+    }
+
+    /// The engine's live numbers.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 }
 
@@ -551,6 +610,7 @@ fn engine_loop(
     cache: KvCache,
     config: EngineConfig,
     rx: std::sync::mpsc::Receiver<Command>,
+    stats: &EngineStats,
 ) {
     use std::collections::HashMap;
     use std::sync::mpsc::{RecvTimeoutError, Sender, TryRecvError};
@@ -575,12 +635,14 @@ fn engine_loop(
         }
         Command::Cancel(id) => {
             if let (Some(ev), Some(tx)) = (engine.cancel(id), senders.remove(&id)) {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send(ev);
             }
         }
         Command::Shutdown => *shutting_down = true,
     };
     loop {
+        stats.publish(&engine);
         // Idle: block for work; busy: take what arrived and keep stepping.
         if engine.is_idle() {
             if shutting_down {
@@ -602,14 +664,29 @@ fn engine_loop(
                 }
             }
         }
+        let steps_before = engine.step;
         let events = match engine.step() {
-            Ok(ev) => ev,
+            Ok(ev) => {
+                if engine.step != steps_before {
+                    let (tokens, seqs) = engine.last_batch();
+                    stats.steps.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .batch_tokens
+                        .fetch_add(tokens as u64, Ordering::Relaxed);
+                    stats
+                        .batch_sequences
+                        .fetch_add(seqs as u64, Ordering::Relaxed);
+                    stats.last_batch_sequences.store(seqs, Ordering::Relaxed);
+                }
+                ev
+            }
             Err(e) => {
                 // A failed step cannot be attributed to one request: end them all.
                 tracing::error!("engine step failed: {e}");
                 let ids: Vec<RequestId> = senders.keys().copied().collect();
                 for id in ids {
                     if let (Some(ev), Some(tx)) = (engine.cancel(id), senders.remove(&id)) {
+                        stats.cancelled.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(ev);
                     }
                 }
@@ -626,7 +703,9 @@ fn engine_loop(
                 senders.remove(&id);
             } else if gone {
                 // The receiver was dropped: the client is gone.
-                engine.cancel(id);
+                if engine.cancel(id).is_some() {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
                 senders.remove(&id);
             }
         }

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -16,7 +17,7 @@ use graft_runtime::chat::ChatMessage;
 use graft_runtime::generate::{FinishReason, GenerateParams};
 use graft_runtime::kv_cache::KvType;
 use graft_runtime::sampling::SamplingParams;
-use graft_runtime::scheduler::{EngineError, Event, HandleError, Request};
+use graft_runtime::scheduler::{EngineError, EngineHandle, Event, HandleError, Request, RequestId};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -79,6 +80,7 @@ pub(crate) fn body_error(r: BytesRejection) -> ApiError {
 }
 
 async fn handle(st: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Response {
+    let arrived = Instant::now();
     let body = match body {
         Ok(b) => b,
         Err(r) => return body_error(r).into_response(),
@@ -87,7 +89,7 @@ async fn handle(st: Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Ki
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    match run(st, prepared, kind).await {
+    match run(st, prepared, kind, arrived).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -358,6 +360,18 @@ fn resolve_adapters(
         return Ok((None, "base".to_owned()));
     }
     let handles = st.registry.resolve_handles(&members).map_err(|e| match e {
+        // Unloaded since the check above: the same answer as if it had been gone then.
+        graft_adapters::AdapterError::Registry(RegistryError::NotLoaded { name })
+            if req.model.as_deref() == Some(name.as_str()) =>
+        {
+            ApiError::not_found(
+                "model_not_found",
+                format!(
+                    "model {name:?} is neither the base model ({:?}) nor a loaded adapter",
+                    st.opts.model_id
+                ),
+            )
+        }
         graft_adapters::AdapterError::Registry(RegistryError::NotLoaded { name }) => {
             ApiError::not_found(
                 "adapter_not_found",
@@ -423,10 +437,32 @@ fn handle_error(e: HandleError) -> ApiError {
     }
 }
 
+/// A submitted request: its events, its timings, and a cancellation sent to the
+/// engine if it is dropped before the end (the client went away). The cancel reaches
+/// a request still queued too, which produces no event that could notice the
+/// dropped receiver.
+struct Submitted {
+    rx: mpsc::Receiver<Event>,
+    flight: InFlight,
+    engine: EngineHandle,
+    id: RequestId,
+}
+
+impl Drop for Submitted {
+    fn drop(&mut self) {
+        if !self.flight.is_finished() {
+            self.engine.cancel(self.id);
+        }
+    }
+}
+
 /// Submits to the engine (a blocking call) and forwards its events to an async
-/// channel. Dropping the returned receiver ends the forwarder at the next event,
-/// which drops the engine's receiver, which cancels the request.
-async fn submit(st: &AppState, request: Request) -> Result<mpsc::Receiver<Event>, ApiError> {
+/// channel. When the request ends early, [`Submitted`]'s drop cancels it and the
+/// forwarder stops at the engine's final event.
+async fn submit(
+    st: &AppState,
+    request: Request,
+) -> Result<(RequestId, mpsc::Receiver<Event>), ApiError> {
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let engine = st.engine.clone();
@@ -434,8 +470,8 @@ async fn submit(st: &AppState, request: Request) -> Result<mpsc::Receiver<Event>
         Err(e) => {
             let _ = first_tx.send(Err(e));
         }
-        Ok((_, events)) => {
-            let _ = first_tx.send(Ok(()));
+        Ok((id, events)) => {
+            let _ = first_tx.send(Ok(id));
             for ev in events {
                 if tx.blocking_send(ev).is_err() {
                     break;
@@ -444,7 +480,7 @@ async fn submit(st: &AppState, request: Request) -> Result<mpsc::Receiver<Event>
         }
     });
     match first_rx.await {
-        Ok(Ok(())) => Ok(rx),
+        Ok(Ok(id)) => Ok((id, rx)),
         Ok(Err(e)) => Err(handle_error(e)),
         Err(_) => Err(ApiError::internal("the engine dropped the request")),
     }
@@ -504,10 +540,28 @@ fn usage(prompt: usize, completion: usize) -> Value {
     })
 }
 
-async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
+async fn run(
+    st: Arc<AppState>,
+    p: Prepared,
+    kind: Kind,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
     let n_prompt = p.request.prompt.len();
-    let mut flight = InFlight::new(st.metrics.clone());
-    let rx = submit(&st, p.request).await?;
+    let flight = InFlight::new(st.metrics.clone(), arrived);
+    let (id, rx) = match submit(&st, p.request).await {
+        Ok(x) => x,
+        Err(e) => {
+            let mut flight = flight;
+            flight.finish(false); // refused, not aborted
+            return Err(e);
+        }
+    };
+    let mut sub = Submitted {
+        rx,
+        flight,
+        engine: st.engine.clone(),
+        id,
+    };
     st.metrics.adapter_request(&p.label);
     st.metrics
         .prompt_tokens
@@ -524,15 +578,13 @@ async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, Api
         kind,
     };
     if p.stream {
-        return Ok(stream(st, rx, flight, meta, p.include_usage));
+        return Ok(stream(sub, meta, p.include_usage));
     }
-    let mut rx = rx;
     let mut text = String::new();
     let (finish, prompt_tokens, completion_tokens) = loop {
-        match rx.recv().await {
+        match sub.rx.recv().await {
             Some(Event::Token { text: t, .. }) => {
-                flight.started();
-                st.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                sub.flight.token();
                 text.push_str(&t);
             }
             Some(Event::Done {
@@ -542,10 +594,14 @@ async fn run(st: Arc<AppState>, p: Prepared, kind: Kind) -> Result<Response, Api
                 completion_tokens,
                 ..
             }) => {
+                sub.flight.finish(finish != FinishReason::Cancelled);
                 text.push_str(&t);
                 break (finish, prompt_tokens, completion_tokens);
             }
-            None => return Err(ApiError::internal("the engine stopped mid-request")),
+            None => {
+                sub.flight.finish(false);
+                return Err(ApiError::internal("the engine stopped mid-request"));
+            }
         }
     };
     if finish == FinishReason::Cancelled {
@@ -576,26 +632,16 @@ enum Phase {
 }
 
 struct StreamState {
-    st: Arc<AppState>,
-    rx: mpsc::Receiver<Event>,
-    flight: InFlight,
+    sub: Submitted,
     meta: Meta,
     include_usage: bool,
     first: bool,
     phase: Phase,
 }
 
-fn stream(
-    st: Arc<AppState>,
-    rx: mpsc::Receiver<Event>,
-    flight: InFlight,
-    meta: Meta,
-    include_usage: bool,
-) -> Response {
+fn stream(sub: Submitted, meta: Meta, include_usage: bool) -> Response {
     let state = StreamState {
-        st,
-        rx,
-        flight,
+        sub,
         meta,
         include_usage,
         first: true,
@@ -604,12 +650,9 @@ fn stream(
     let events = futures_util::stream::unfold(state, |mut s| async move {
         loop {
             match s.phase {
-                Phase::Tokens => match s.rx.recv().await {
+                Phase::Tokens => match s.sub.rx.recv().await {
                     Some(Event::Token { text, .. }) => {
-                        s.flight.started();
-                        s.st.metrics
-                            .generated_tokens
-                            .fetch_add(1, Ordering::Relaxed);
+                        s.sub.flight.token();
                         if text.is_empty() {
                             continue;
                         }
@@ -624,6 +667,7 @@ fn stream(
                         completion_tokens,
                         ..
                     }) => {
+                        s.sub.flight.finish(finish != FinishReason::Cancelled);
                         if finish == FinishReason::Cancelled {
                             s.phase = Phase::End;
                             let err = ApiError::internal("generation failed (see the server log)");
@@ -639,6 +683,7 @@ fn stream(
                         return Some((Ok(SseEvent::default().data(data)), s));
                     }
                     None => {
+                        s.sub.flight.finish(false);
                         s.phase = Phase::End;
                         let err = ApiError::internal("the engine stopped mid-request");
                         return Some((Ok(SseEvent::default().data(err.body().to_string())), s));

@@ -12,8 +12,10 @@
 //! - Every error is `{"error": {"message", "type", "code"}}` with a stable `code`.
 //!
 //! The engine's blocking channels are bridged to async by one forwarding task per
-//! request; when the HTTP client goes away the chain of dropped receivers reaches the
-//! engine, which cancels the request at its next token.
+//! request; when the HTTP client goes away the request is cancelled in the engine,
+//! queued or running, and its slot and KV blocks freed.
+//! - `/metrics`: responses, tokens, queue depth, batch size, KV usage, per-adapter
+//!   requests, cancellations, and TTFT / inter-token / end-to-end latency histograms.
 
 mod admin;
 pub mod api;
@@ -258,7 +260,7 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    let body = st.metrics.render(st.registry.len());
+    let body = st.metrics.render(st.registry.len(), st.engine.stats());
     (
         [(
             header::CONTENT_TYPE,

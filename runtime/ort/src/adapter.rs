@@ -316,6 +316,120 @@ pub fn write_onnx_adapter(
 mod tests {
     use super::*;
 
+    use graft_adapters::delta::f32_weight;
+    use graft_adapters::AdapterFormat;
+    use graft_runtime::model::{Arch, ModelConfig, RopeScaling, RopeStyle};
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            n_vocab: 8,
+            n_embd: 4,
+            n_layer: 1,
+            n_ff: 6,
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 2,
+            n_rot: 2,
+            rope_base: 1e4,
+            rope_scaling: RopeScaling::None,
+            rope_style: RopeStyle::Normal,
+            rms_eps: 1e-5,
+            n_ctx_train: 16,
+        }
+    }
+
+    fn info(spec: Option<LoraSpec>) -> GraphInfo {
+        let c = config();
+        GraphInfo {
+            n_layer: 1,
+            n_head_kv: 1,
+            head_dim: 2,
+            n_vocab: 8,
+            max_context: 16,
+            lora: spec,
+            proj_shapes: Proj::ALL
+                .iter()
+                .map(|&p| {
+                    let (o, i) = graft_adapters::delta::projection_shape(&c, p);
+                    (p, i, o)
+                })
+                .collect(),
+        }
+    }
+
+    /// A rank-`r` LoRA on q (out 4, in 4) with A[j][i] = j + i/10, B[o][j] = o - j.
+    fn adapter(r: usize, scale: f32) -> Adapter {
+        let a: Vec<f32> = (0..r * 4)
+            .map(|k| (k / 4) as f32 + (k % 4) as f32 / 10.0)
+            .collect();
+        let b: Vec<f32> = (0..4 * r)
+            .map(|k| (k / r) as f32 - (k % r) as f32)
+            .collect();
+        let mut ad = Adapter::new(AdapterFormat::Memory, "t".into(), 1);
+        let delta = TensorDelta::Lora(LoraDelta {
+            a: f32_weight(r, 4, &a).unwrap(),
+            b: f32_weight(4, r, &b).unwrap(),
+            scale,
+            dora_factor: None,
+        });
+        ad.insert(&config(), 0, Proj::Q, delta).unwrap();
+        ad
+    }
+
+    #[test]
+    fn lora_params_give_the_dense_delta() {
+        let (a1, a2) = (adapter(2, 0.5), adapter(1, 2.0));
+        let info = info(Some(LoraSpec::all(4)));
+        let params = lora_params(&[(&a1, 1.0), (&a2, 0.25)], &info).unwrap();
+        assert_eq!(params.len(), 2);
+        let (pa, pb) = (&params[0], &params[1]);
+        assert_eq!(pa.name, "blk.0.attn_q.lora_a");
+        assert_eq!(pa.dims, [4, 4]);
+        assert_eq!(pb.dims, [4, 4]);
+        // A_cat B_cat (x row-vector convention) equals the transposed sum of deltas.
+        let mut want = [0f32; 16];
+        for (ad, s) in [(&a1, 1.0f32), (&a2, 0.25)] {
+            let TensorDelta::Lora(l) = ad.get(0, Proj::Q).unwrap() else {
+                unreachable!()
+            };
+            for (k, v) in l.dense().unwrap().iter().enumerate() {
+                want[k] += s * v;
+            }
+        }
+        for o in 0..4 {
+            for i in 0..4 {
+                let got: f32 = (0..4)
+                    .map(|j| pa.values[i * 4 + j] * pb.values[j * 4 + o])
+                    .sum();
+                assert!(
+                    (got - want[o * 4 + i]).abs() < 1e-5,
+                    "({o},{i}) {got} {}",
+                    want[o * 4 + i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lora_params_reject_what_the_graph_cannot_hold() {
+        let a = adapter(2, 1.0);
+        let e = lora_params(&[(&a, 1.0), (&a, 1.0)], &info(Some(LoraSpec::all(3)))).unwrap_err();
+        assert!(e.to_string().contains("rank 4 exceeds"), "{e}");
+        let only_v = LoraSpec {
+            targets: vec![Proj::V],
+            max_rank: 8,
+        };
+        let e = lora_params(&[(&a, 1.0)], &info(Some(only_v))).unwrap_err();
+        assert!(e.to_string().contains("no LoRA inputs for attn_q"), "{e}");
+        let e = lora_params(&[(&a, 1.0)], &info(None)).unwrap_err();
+        assert!(e.to_string().contains("without LoRA inputs"), "{e}");
+        // A zero scale drops the adapter.
+        assert!(lora_params(&[(&a, 0.0)], &info(Some(LoraSpec::all(1))))
+            .unwrap()
+            .is_empty());
+    }
+
     fn u32_at(b: &[u8], at: usize) -> usize {
         u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize
     }

@@ -138,15 +138,11 @@ impl std::fmt::Debug for OnnxModel {
 
 /// (in, out) of every projection of `c`.
 fn proj_shapes(c: &ModelConfig) -> Vec<(Proj, usize, usize)> {
-    let (d, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
     Proj::ALL
         .iter()
-        .map(|&p| match p {
-            Proj::Q => (p, d, q),
-            Proj::K | Proj::V => (p, d, kv),
-            Proj::O => (p, q, d),
-            Proj::Gate | Proj::Up => (p, d, ff),
-            Proj::Down => (p, ff, d),
+        .map(|&p| {
+            let (out, inp) = graft_adapters::delta::projection_shape(c, p);
+            (p, inp, out)
         })
         .collect()
 }

@@ -7,6 +7,7 @@
 mod common;
 
 use common::{compare_greedy, compare_logits, load_cases, Case};
+use graft_adapters::load_adapter;
 use graft_ort::{LoraSpec, OrtAdapter, OrtSession, Provider, SessionOptions};
 use graft_runtime::model::Model;
 
@@ -83,5 +84,96 @@ fn base_cases_match_llama_cpp_on_ort_cpu() {
         let mut s = session(&model, None);
         check(case, &mut s, None, &mut failures);
     }
+    report(failures);
+}
+
+/// Every adapter case of the four types, one session per base model: the adapters of
+/// all its cases are built once as ONNX Runtime adapters and switched between runs
+/// (each sequence of each case, then the base model with none active), never
+/// rebuilding the session. One adapter per base also goes through an `.onnx_adapter`
+/// file.
+#[test]
+fn adapter_cases_switch_within_one_session() {
+    let all = load_cases();
+    let root = common::conformance();
+    let cases: Vec<&Case> = all
+        .iter()
+        .filter(|c| !c.adapters.is_empty() && TYPES.contains(&c.ty.as_str()))
+        .collect();
+    assert!(cases.len() >= 24, "only {} adapter cases", cases.len());
+    let mut bases: Vec<&std::path::Path> = cases.iter().map(|c| c.model.as_path()).collect();
+    bases.dedup();
+    let tmp = std::env::temp_dir().join(format!("graft-ort-adapters-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut failures = Vec::new();
+    for base in bases {
+        let group: Vec<&Case> = cases.iter().copied().filter(|c| c.model == base).collect();
+        let model = Model::load(base, None).unwrap();
+        let mut s = session(&model, Some(LoraSpec::all(8)));
+        let adapters: Vec<OrtAdapter> = group
+            .iter()
+            .enumerate()
+            .map(|(k, case)| {
+                let loaded: Vec<_> = case
+                    .adapters
+                    .iter()
+                    .map(|a| {
+                        let path = root.join(a["gguf"].as_str().unwrap());
+                        let adapter = load_adapter(&path, &model)
+                            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                        (adapter, a["scale"].as_f64().unwrap() as f32)
+                    })
+                    .collect();
+                let refs: Vec<_> = loaded.iter().map(|(a, s)| (a, *s)).collect();
+                if k == 0 {
+                    let file = tmp.join(format!("{}.onnx_adapter", case.name));
+                    graft_ort::write_onnx_adapter(&file, &refs, s.info()).unwrap();
+                    OrtAdapter::from_file(&file).unwrap()
+                } else {
+                    OrtAdapter::from_graft(&refs, s.info()).unwrap()
+                }
+            })
+            .collect();
+        let n_vocab = s.info().n_vocab;
+        // Sequence-major, so consecutive runs use different adapters.
+        let n_seqs = group.iter().map(|c| c.seqs.len()).max().unwrap_or(0);
+        for i in 0..n_seqs {
+            for (case, adapter) in group.iter().zip(&adapters) {
+                let Some((tokens, reference)) = case.seqs.get(i) else {
+                    continue;
+                };
+                let mut state = s.new_state();
+                let ours = s.run(&mut state, tokens, true, Some(adapter)).unwrap();
+                match compare_logits(&case.ty, reference, &ours, n_vocab) {
+                    Ok(summary) => eprintln!("{} [ort-cpu] seq{i}: {summary}", case.name),
+                    Err(e) => failures.push(format!("{} [ort-cpu] seq{i}: {e}", case.name)),
+                }
+            }
+        }
+        for (case, adapter) in group.iter().zip(&adapters) {
+            for g in &case.greedy {
+                let mut state = s.new_state();
+                let mut logits = s
+                    .run(&mut state, &g.prompt_ids, false, Some(adapter))
+                    .unwrap();
+                let mut out = Vec::new();
+                for _ in 0..g.continuation.len() {
+                    let next = argmax(&logits);
+                    out.push(next);
+                    logits = s.run(&mut state, &[next], false, Some(adapter)).unwrap();
+                }
+                if let Err(e) = compare_greedy(&case.ty, g, &out) {
+                    failures.push(format!("{} [ort-cpu]: {e}", case.name));
+                }
+            }
+        }
+        // The same session with no adapter active is the base model again.
+        let base_case = all
+            .iter()
+            .find(|c| c.adapters.is_empty() && c.model == base)
+            .expect("base case of an adapter case");
+        check(base_case, &mut s, None, &mut failures);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
     report(failures);
 }

@@ -127,6 +127,20 @@ pub fn lora_params(adapters: &[(&Adapter, f32)], info: &GraphInfo) -> Result<Vec
     Ok(params)
 }
 
+/// The smallest LoRA rank that holds `adapters` (their ranks summed per projection),
+/// or `None` when nothing would be active.
+pub fn required_rank(adapters: &[(&Adapter, f32)]) -> Option<usize> {
+    let mut sums = std::collections::HashMap::new();
+    for (a, _) in adapters.iter().filter(|(_, s)| *s != 0.0) {
+        for (layer, proj, d) in a.iter() {
+            if let TensorDelta::Lora(l) = d {
+                *sums.entry((layer, proj)).or_insert(0) += l.rank();
+            }
+        }
+    }
+    sums.into_values().max()
+}
+
 // --- the .onnx_adapter flatbuffer (onnxruntime/lora/adapter_format/adapter_schema.fbs)
 
 /// Format version ONNX Runtime accepts (`kAdapterFormatVersion`).
@@ -428,6 +442,8 @@ mod tests {
         assert!(lora_params(&[(&a, 0.0)], &info(Some(LoraSpec::all(1))))
             .unwrap()
             .is_empty());
+        assert_eq!(required_rank(&[(&a, 1.0), (&a, 0.5)]), Some(4));
+        assert_eq!(required_rank(&[(&a, 0.0)]), None);
     }
 
     fn u32_at(b: &[u8], at: usize) -> usize {

@@ -147,6 +147,20 @@ fn proj_shapes(c: &ModelConfig) -> Vec<(Proj, usize, usize)> {
         .collect()
 }
 
+/// The interface the graph of `model` built with `opts` has (no weights touched).
+pub fn graph_info(model: &Model, opts: &GraphOptions) -> GraphInfo {
+    let c = &model.config;
+    GraphInfo {
+        n_layer: c.n_layer,
+        n_head_kv: c.n_head_kv,
+        head_dim: c.head_dim,
+        n_vocab: c.n_vocab,
+        max_context: opts.max_context.max(1),
+        lora: opts.lora.clone(),
+        proj_shapes: proj_shapes(c),
+    }
+}
+
 /// RoPE cos/sin tables `[max_context, n_rot/2]`, computed exactly like graft's
 /// forward pass (ggml's rope cache: theta advanced by repeated f32 multiplication,
 /// linear scaling and Llama 3 frequency divisors applied per pair).
@@ -369,17 +383,26 @@ impl Builder {
         self.op("Slice", &[x, &s, &e, &a], vec![], hint)
     }
 
+    /// RMSNorm from standard ONNX ops (`x / sqrt(mean(x^2) + eps) * w`), which ONNX
+    /// Runtime fuses into its SimplifiedLayerNormalization kernel; plain ops keep the
+    /// model valid ONNX for other tools and providers.
     fn rms_norm(&mut self, x: &str, weight: &str, eps: f32, hint: &str) -> String {
-        self.op(
-            "SimplifiedLayerNormalization",
-            &[x, weight],
-            vec![
-                ("axis", Attr::Int(-1)),
-                ("epsilon", Attr::Float(eps)),
-                ("stash_type", Attr::Int(1)),
-            ],
+        let two = self.f32_scalar(2.0);
+        let eps = self.f32_scalar(eps);
+        let one = self.f32_scalar(1.0);
+        let axes = self.i64s(&[-1]);
+        let sq = self.binary("Pow", x, &two, hint);
+        let mean = self.op(
+            "ReduceMean",
+            &[&sq, &axes],
+            vec![("keepdims", Attr::Int(1))],
             hint,
-        )
+        );
+        let var = self.binary("Add", &mean, &eps, hint);
+        let rms = self.op("Sqrt", &[&var], vec![], hint);
+        let inv = self.binary("Div", &one, &rms, hint);
+        let normed = self.binary("Mul", x, &inv, hint);
+        self.binary("Mul", &normed, weight, hint)
     }
 }
 
@@ -883,15 +906,7 @@ impl GraphBuilder<'_> {
         let axes0 = b.i64s(&[0]);
         b.op_named("Unsqueeze", &[&logits, &axes0], vec![], "logits");
 
-        let info = GraphInfo {
-            n_layer: c.n_layer,
-            n_head_kv: nkv,
-            head_dim: hd,
-            n_vocab: c.n_vocab,
-            max_context: max_ctx,
-            lora: self.opts.lora.clone(),
-            proj_shapes: proj_shapes(c),
-        };
+        let info = graph_info(model, self.opts);
         let Builder {
             nodes, inits, data, ..
         } = self.b;

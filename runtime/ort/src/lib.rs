@@ -16,7 +16,9 @@ pub mod graph;
 pub mod onnx;
 pub mod session;
 
-pub use adapter::{encode_onnx_adapter, lora_params, write_onnx_adapter, OrtAdapter, Param};
+pub use adapter::{
+    encode_onnx_adapter, lora_params, required_rank, write_onnx_adapter, OrtAdapter, Param,
+};
 pub use export::{export_model, ExportReport};
 pub use graph::{build_graph, GraphInfo, GraphOptions, LoraSpec, OnnxModel};
 pub use session::{

@@ -206,7 +206,10 @@ pub fn library_path(lib: Option<&Path>) -> Result<PathBuf, OrtError> {
 /// Loads ONNX Runtime once per process (later calls reuse it, whatever `lib` says).
 pub fn ensure_runtime(lib: Option<&Path>) -> Result<&'static Environment, OrtError> {
     let res = ENV.get_or_init(|| {
-        let path = library_path(lib).map_err(|e| e.to_string())?;
+        let path = library_path(lib).map_err(|e| match e {
+            OrtError::Load(m) => m,
+            other => other.to_string(),
+        })?;
         if !path.is_file() {
             return Err(format!(
                 "ONNX Runtime library {} does not exist (from {})",
@@ -315,7 +318,10 @@ impl OrtSession {
         let data: std::sync::Arc<[u8]> = graph.data.as_slice().into();
         let mut builder = Session::builder(env)?
             .with_execution_providers(opts.provider.dispatch().into_iter().collect::<Vec<_>>())?
-            .with_external_initializer_file_in_memory(DATA_FILE, data)?;
+            .with_external_initializer_file_in_memory(DATA_FILE, data)?
+            // The KV, num_logits and LoRA defaults are overridable initializers by
+            // design, which ONNX Runtime reports once per input at warning level.
+            .with_log_level(ort::logging::LogLevel::Error)?;
         if opts.threads > 0 {
             builder = builder.with_intra_threads(opts.threads)?;
         }

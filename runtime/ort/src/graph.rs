@@ -17,12 +17,16 @@
 //! Positions are `past .. past + seq`. Weights: F32 stays F32 and F16/BF16 keep their
 //! type behind a Cast (both multiplied through `Gemm` with `transB`, which keeps GGUF's
 //! `[out, in]` layout and lets a tied output head share the embedding table); Q4_0 and
-//! Q8_0 are repacked bit-exactly into `com.microsoft.MatMulNBits` (block 32); other
-//! quantized types are dequantized to F32 (exact, larger).
+//! Q8_0 are repacked bit-exactly into `com.microsoft.MatMulNBits` (block 32, implicit
+//! zero point); Q4_1 and Q4_K keep their 4-bit codes in MatMulNBits blocks of 32 with
+//! float scales and zero points resolved from their block headers; other quantized
+//! types are dequantized to F32 (exact, larger). RMSNorm, RoPE and attention are plain
+//! ONNX ops, so the model stays valid ONNX.
 
 use std::collections::HashMap;
 
-use graft_quant::blocks::{f16_to_f32, BlockQ4_0, BlockQ8_0};
+use graft_quant::blocks::{f16_to_f32, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ8_0};
+use graft_quant::kquants::get_scale_min_k4;
 use graft_quant::{GgmlType, QK};
 use graft_runtime::model::{Model, ModelConfig, Proj, RopeScaling, RopeStyle, Weight};
 
@@ -229,6 +233,65 @@ pub fn repack_q8_0(w: &Weight) -> Result<(Vec<u8>, Vec<f32>), OrtError> {
     Ok((packed, scales))
 }
 
+/// 4-bit `MatMulNBits` operands with float zero points: `(B, scales, zero_points)`.
+pub type NBitsWithZp = (Vec<u8>, Vec<f32>, Vec<f32>);
+
+/// Appends one 32-value block of 4-bit codes `q` whose values are `s * q - min` as
+/// MatMulNBits' `(q - zp) * scale` with a float zero point `zp = min / s`. A zero `s`
+/// makes the codes irrelevant: they become 0 with scale `min` and zero point 1.
+fn push_affine_block(out: &mut NBitsWithZp, q: &[u8; QK], s: f32, min: f32) {
+    let (packed, scales, zps) = out;
+    if s == 0.0 {
+        packed.extend(std::iter::repeat_n(0u8, QK / 2));
+        scales.push(min);
+        zps.push(if min == 0.0 { 0.0 } else { 1.0 });
+        return;
+    }
+    for i in 0..QK / 2 {
+        packed.push(q[2 * i] | (q[2 * i + 1] << 4));
+    }
+    scales.push(s);
+    zps.push(min / s);
+}
+
+/// Q4_1 blocks (`d * q + m`) as 4-bit MatMulNBits blocks with float zero points.
+pub fn repack_q4_1(w: &Weight) -> Result<NBitsWithZp, OrtError> {
+    let blocks: &[BlockQ4_1] = cast_blocks(w, GgmlType::Q4_1)?;
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for b in blocks {
+        let mut q = [0u8; QK];
+        for (j, &byte) in b.qs.iter().enumerate() {
+            q[j] = byte & 0x0f;
+            q[j + QK / 2] = byte >> 4;
+        }
+        push_affine_block(&mut out, &q, f16_to_f32(b.d), -f16_to_f32(b.m));
+    }
+    Ok(out)
+}
+
+/// Q4_K super-blocks (8 sub-blocks of 32 values `d * sc * q - dmin * m`) as 4-bit
+/// MatMulNBits blocks of 32 with float zero points: the same codes, the sub-block
+/// scales and mins resolved to floats.
+pub fn repack_q4_k(w: &Weight) -> Result<NBitsWithZp, OrtError> {
+    let blocks: &[BlockQ4_K] = cast_blocks(w, GgmlType::Q4_K)?;
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for b in blocks {
+        let (d, dmin) = (f16_to_f32(b.d), f16_to_f32(b.dmin));
+        // 64 values per 32 bytes: low nibbles are sub-block 2c, high nibbles 2c+1.
+        for (c, qs) in b.qs.chunks_exact(QK).enumerate() {
+            for (half, shift) in [(0, 0), (1, 4)] {
+                let (sc, m) = get_scale_min_k4(2 * c + half, &b.scales);
+                let mut q = [0u8; QK];
+                for (qv, &byte) in q.iter_mut().zip(qs) {
+                    *qv = (byte >> shift) & 0x0f;
+                }
+                push_affine_block(&mut out, &q, d * f32::from(sc), dmin * f32::from(m));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn cast_blocks<T: bytemuck::Pod>(w: &Weight, ty: GgmlType) -> Result<&[T], OrtError> {
     let expected = ty.row_size(w.cols).ok().and_then(|r| r.checked_mul(w.rows));
     if w.ty != ty || expected != Some(w.data().len()) {
@@ -239,6 +302,14 @@ fn cast_blocks<T: bytemuck::Pod>(w: &Weight, ty: GgmlType) -> Result<&[T], OrtEr
         )));
     }
     bytemuck::try_cast_slice(w.data()).map_err(|e| OrtError::Graph(format!("{w:?}: {e}")))
+}
+
+/// Types that become `MatMulNBits` blocks of 32.
+fn is_nbits(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q8_0
+    )
 }
 
 fn dims(v: &[usize]) -> Vec<i64> {
@@ -414,6 +485,8 @@ enum Linear {
     NBits {
         b: String,
         scales: String,
+        /// Float zero points (Q4_1, Q4_K); none: the implicit 2^(bits-1).
+        zero_points: Option<String>,
         bits: i64,
         rows: usize,
         cols: usize,
@@ -480,7 +553,29 @@ impl GraphBuilder<'_> {
                 Ok(Linear::NBits {
                     b,
                     scales,
+                    zero_points: None,
                     bits,
+                    rows: w.rows,
+                    cols: w.cols,
+                })
+            }
+            GgmlType::Q4_1 | GgmlType::Q4_K => {
+                let (packed, scales, zps) = if w.ty == GgmlType::Q4_1 {
+                    repack_q4_1(w)?
+                } else {
+                    repack_q4_k(w)?
+                };
+                let b = self
+                    .b
+                    .init(name, DataType::Uint8, &[w.rows, blocks, QK / 2], &packed);
+                let n = w.rows * blocks;
+                let scales = self.b.init_f32(&format!("{name}.scales"), &[n], &scales);
+                let zp = self.b.init_f32(&format!("{name}.zero_points"), &[n], &zps);
+                Ok(Linear::NBits {
+                    b,
+                    scales,
+                    zero_points: Some(zp),
+                    bits: 4,
                     rows: w.rows,
                     cols: w.cols,
                 })
@@ -499,14 +594,17 @@ impl GraphBuilder<'_> {
             Linear::NBits {
                 b,
                 scales,
+                zero_points,
                 bits,
                 rows,
                 cols,
             } => {
+                let mut inputs = vec![x, b.as_str(), scales.as_str()];
+                inputs.extend(zero_points.as_deref());
                 let mut out = self.b.node(
                     MS_DOMAIN,
                     "MatMulNBits",
-                    &[x, b, scales],
+                    &inputs,
                     1,
                     vec![
                         ("K", Attr::Int(*cols as i64)),
@@ -646,7 +744,7 @@ impl GraphBuilder<'_> {
                 .iter()
                 .flat_map(|l| Proj::ALL.map(|p| l.proj(p))),
         ) {
-            if matches!(w.ty, GgmlType::Q4_0 | GgmlType::Q8_0) && !w.cols.is_multiple_of(QK) {
+            if is_nbits(w.ty) && !w.cols.is_multiple_of(QK) {
                 return Err(OrtError::Graph(format!(
                     "{w:?}: rows of {} values are not whole blocks of {QK}",
                     w.cols
@@ -896,9 +994,7 @@ impl GraphBuilder<'_> {
             (true, GgmlType::F16 | GgmlType::BF16) => {
                 Linear::Float(self.cast_f32(embd_name, "head"))
             }
-            (true, ty) if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0) => {
-                Linear::Float(embd_name.to_owned())
-            }
+            (true, ty) if !is_nbits(ty) => Linear::Float(embd_name.to_owned()),
             _ => self.linear_weight("output.weight", &model.output)?,
         };
         let logits = self.linear(&xn, &head, "head");
@@ -1030,6 +1126,42 @@ mod tests {
                 "{ty}"
             );
         }
+    }
+
+    #[test]
+    fn q4_1_and_q4_k_repack_with_float_zero_points() {
+        let (rows, cols) = (2, 512);
+        let mut x = values(rows * cols);
+        // A zero sub-block gives Q4_K a zero sub-block scale.
+        x[256..288].fill(0.0);
+        for ty in [GgmlType::Q4_1, GgmlType::Q4_K] {
+            let bytes = quantize_matrix(ty, &x, cols).unwrap();
+            let w = Weight::owned(ty, rows, cols, bytes).unwrap();
+            let reference = w.to_f32().unwrap();
+            let (packed, scales, zps) = if ty == GgmlType::Q4_1 {
+                repack_q4_1(&w).unwrap()
+            } else {
+                repack_q4_k(&w).unwrap()
+            };
+            let got = nbits_dequant_zp(&packed, &scales, &zps);
+            let max = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * max, "{ty} value {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// 4-bit MatMulNBits dequantization with float zero points: `(q - zp) * s`.
+    fn nbits_dequant_zp(packed: &[u8], scales: &[f32], zps: &[f32]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for (bi, (s, zp)) in scales.iter().zip(zps).enumerate() {
+            for e in 0..QK {
+                let byte = packed[bi * QK / 2 + e / 2];
+                let q = if e % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                out.push((f32::from(q) - zp) * s);
+            }
+        }
+        out
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The conformance suite (../shared/conformance) on ONNX Runtime's CPU provider: every
 //! non-adapter case of types F32, F16, Q8_0 and Q4_0 within the README's tolerances
 //! (logits at every position, and greedy continuations through the KV cache), and every
-//! adapter case of those types with adapters switched between runs of one session.
+//! adapter case of those types with adapters switched between runs of one session; the
+//! other base types (BF16, Q4_1, K-quants, Q5_x) too.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -78,6 +79,24 @@ fn base_cases_match_llama_cpp_on_ort_cpu() {
         .filter(|c| c.adapters.is_empty() && TYPES.contains(&c.ty.as_str()))
         .collect();
     assert!(cases.len() >= 9, "only {} base cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let model = Model::load(&case.model, None).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let mut s = session(&model, None);
+        check(case, &mut s, None, &mut failures);
+    }
+    report(failures);
+}
+
+/// The other types: Q4_1 and Q4_K through MatMulNBits with float zero points, BF16
+/// behind a Cast, the rest dequantized to F32.
+#[test]
+fn other_type_cases_match_llama_cpp_on_ort_cpu() {
+    let cases: Vec<Case> = load_cases()
+        .into_iter()
+        .filter(|c| c.adapters.is_empty() && !TYPES.contains(&c.ty.as_str()))
+        .collect();
+    assert!(cases.len() >= 12, "only {} other base cases", cases.len());
     let mut failures = Vec::new();
     for case in &cases {
         let model = Model::load(&case.model, None).unwrap_or_else(|e| panic!("{}: {e}", case.name));

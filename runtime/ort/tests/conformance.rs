@@ -14,8 +14,16 @@ use graft_runtime::model::Model;
 
 const TYPES: [&str; 4] = ["F32", "F16", "Q8_0", "Q4_0"];
 
+/// ort-cpu, or the provider GRAFT_ORT_PROVIDER names (scripts/gpu-check.sh: ort-cuda).
+fn provider() -> Provider {
+    match std::env::var("GRAFT_ORT_PROVIDER") {
+        Ok(name) => Provider::parse(&name).unwrap_or_else(|e| panic!("GRAFT_ORT_PROVIDER: {e}")),
+        Err(_) => Provider::OrtCpu,
+    }
+}
+
 fn session(model: &Model, lora: Option<LoraSpec>) -> OrtSession {
-    let mut opts = SessionOptions::new(model, Provider::OrtCpu);
+    let mut opts = SessionOptions::new(model, provider());
     opts.graph.lora = lora;
     OrtSession::new(model, &opts).unwrap_or_else(|e| {
         panic!("ONNX Runtime session (run scripts/ort-env.sh for ORT_DYLIB_PATH): {e}")
@@ -44,8 +52,8 @@ fn check(
         let mut state = s.new_state();
         let ours = s.run(&mut state, tokens, true, adapter).unwrap();
         match compare_logits(&case.ty, reference, &ours, n_vocab) {
-            Ok(summary) => eprintln!("{} [ort-cpu] seq{i}: {summary}", case.name),
-            Err(e) => failures.push(format!("{} [ort-cpu] seq{i}: {e}", case.name)),
+            Ok(summary) => eprintln!("{} [{}] seq{i}: {summary}", case.name, s.provider()),
+            Err(e) => failures.push(format!("{} [{}] seq{i}: {e}", case.name, s.provider())),
         }
     }
     for g in &case.greedy {
@@ -58,7 +66,7 @@ fn check(
             logits = s.run(&mut state, &[next], false, adapter).unwrap();
         }
         if let Err(e) = compare_greedy(&case.ty, g, &out) {
-            failures.push(format!("{} [ort-cpu]: {e}", case.name));
+            failures.push(format!("{} [{}]: {e}", case.name, s.provider()));
         }
     }
 }
@@ -164,8 +172,10 @@ fn adapter_cases_switch_within_one_session() {
                 let mut state = s.new_state();
                 let ours = s.run(&mut state, tokens, true, Some(adapter)).unwrap();
                 match compare_logits(&case.ty, reference, &ours, n_vocab) {
-                    Ok(summary) => eprintln!("{} [ort-cpu] seq{i}: {summary}", case.name),
-                    Err(e) => failures.push(format!("{} [ort-cpu] seq{i}: {e}", case.name)),
+                    Ok(summary) => eprintln!("{} [{}] seq{i}: {summary}", case.name, s.provider()),
+                    Err(e) => {
+                        failures.push(format!("{} [{}] seq{i}: {e}", case.name, s.provider()))
+                    }
                 }
             }
         }
@@ -182,7 +192,7 @@ fn adapter_cases_switch_within_one_session() {
                     logits = s.run(&mut state, &[next], false, Some(adapter)).unwrap();
                 }
                 if let Err(e) = compare_greedy(&case.ty, g, &out) {
-                    failures.push(format!("{} [ort-cpu]: {e}", case.name));
+                    failures.push(format!("{} [{}]: {e}", case.name, s.provider()));
                 }
             }
         }

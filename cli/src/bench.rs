@@ -36,6 +36,8 @@ pub struct BenchArgs {
     /// turn (a mixed-adapter batch), instead of stacking them on every sequence.
     #[arg(long)]
     pub per_sequence: bool,
+    #[command(flatten)]
+    pub provider: crate::provider::ProviderArgs,
 }
 
 pub(crate) fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -159,6 +161,17 @@ fn run_model(args: &BenchArgs, model_args: &ModelArgs) -> Result<()> {
     }
     let model = load_model(model_args)?;
     let adapters = load_adapters(model_args, &model)?;
+    let provider = args.provider.provider()?;
+    if provider.is_ort() {
+        return bench_ort(
+            args,
+            model_args,
+            &model,
+            adapters.as_ref(),
+            provider,
+            threads,
+        );
+    }
     // Each adapter alone (per-sequence mode) or the whole stack on every sequence.
     let singles: Vec<AdapterStack> = adapters
         .iter()
@@ -178,6 +191,7 @@ fn run_model(args: &BenchArgs, model_args: &ModelArgs) -> Result<()> {
         "model": model_args.model.display().to_string(),
         "threads": threads,
         "kernel": graft_quant::kernels::level().name(),
+        "provider": "native",
         "reps": args.reps,
         "weight_bytes": model.weight_bytes(),
     });
@@ -210,6 +224,70 @@ fn run_model(args: &BenchArgs, model_args: &ModelArgs) -> Result<()> {
             )
         })?;
         out["batch"] = json!(args.batch);
+        out["tg"] = json!(args.tg);
+        out["tg_tokens_per_s"] = json!(mean);
+        out["tg_tokens_per_s_sd"] = json!(sd);
+    }
+    crate::write_stdout(&format!("{out}\n"))
+}
+
+/// `graft bench --provider ort-*`: the same pp/tg tests through an ONNX Runtime
+/// session (one sequence; a fresh KV cache for each run; the --adapter stack active).
+fn bench_ort(
+    args: &BenchArgs,
+    model_args: &ModelArgs,
+    model: &Model,
+    adapters: Option<&AdapterStack>,
+    provider: graft_ort::Provider,
+    threads: usize,
+) -> Result<()> {
+    if args.batch != 1 || args.per_sequence {
+        return Err(anyhow!(
+            "--provider {provider}: one sequence only (no --batch, no --per-sequence)"
+        ));
+    }
+    let vocab = model.config.n_vocab;
+    let mut r = crate::provider::OrtRunner::new(
+        &args.provider,
+        provider,
+        model,
+        adapters,
+        model_args.threads,
+        args.pp.max(args.tg) + 1,
+    )?;
+    let mut out = json!({
+        "model": model_args.model.display().to_string(),
+        "threads": threads,
+        "provider": provider.name(),
+        "reps": args.reps,
+        "weight_bytes": model.weight_bytes(),
+    });
+    if adapters.is_some() {
+        out["adapters"] = json!(model_args.adapter);
+    }
+    if args.pp > 0 {
+        let (mean, sd) = measure(args.reps, args.pp, |seed| {
+            let tokens = random_tokens(args.pp, vocab, seed);
+            r.reset();
+            let start = Instant::now();
+            r.step(&tokens, 0, false)?;
+            Ok(start.elapsed().as_secs_f64())
+        })?;
+        out["pp"] = json!(args.pp);
+        out["pp_tokens_per_s"] = json!(mean);
+        out["pp_tokens_per_s_sd"] = json!(sd);
+    }
+    if args.tg > 0 {
+        let (mean, sd) = measure(args.reps, args.tg, |seed| {
+            let tokens = random_tokens(args.tg, vocab, seed + 1000);
+            r.reset();
+            let start = Instant::now();
+            for (pos, &t) in tokens.iter().enumerate() {
+                r.step(&[t], pos, false)?;
+            }
+            Ok(start.elapsed().as_secs_f64())
+        })?;
+        out["batch"] = json!(1);
         out["tg"] = json!(args.tg);
         out["tg_tokens_per_s"] = json!(mean);
         out["tg_tokens_per_s_sd"] = json!(sd);

@@ -31,6 +31,8 @@ pub struct LogitsArgs {
     /// Output file: `tokens` (i32 [n]) and `logits` (f32 [n, vocab]).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub provider: crate::provider::ProviderArgs,
 }
 
 pub fn run(args: &LogitsArgs) -> Result<()> {
@@ -48,19 +50,33 @@ pub fn run(args: &LogitsArgs) -> Result<()> {
         return Err(anyhow!("no tokens to evaluate"));
     }
     let c = &model.config;
-    let mut cache = model.new_cache(tokens.len(), KvType::F16);
-    let batch = sequence_batch(&tokens, 0, 0, true);
-    let deltas = adapters
-        .as_ref()
-        .map(|a| BatchDeltas::uniform(a, batch.len()));
-    let logits =
-        model.forward_adapted(&batch, &mut cache, &mut Scratch::default(), deltas.as_ref())?;
+    let provider = args.provider.provider()?;
+    let logits = if provider.is_ort() {
+        let mut r = crate::provider::OrtRunner::new(
+            &args.provider,
+            provider,
+            &model,
+            adapters.as_ref(),
+            args.model.threads,
+            tokens.len(),
+        )?;
+        r.step(&tokens, 0, true)?
+    } else {
+        let mut cache = model.new_cache(tokens.len(), KvType::F16);
+        let batch = sequence_batch(&tokens, 0, 0, true);
+        let deltas = adapters
+            .as_ref()
+            .map(|a| BatchDeltas::uniform(a, batch.len()));
+        model
+            .forward_adapted(&batch, &mut cache, &mut Scratch::default(), deltas.as_ref())?
+            .data
+    };
 
     let token_bytes: Vec<u8> = tokens
         .iter()
         .flat_map(|&t| (t as i32).to_le_bytes())
         .collect();
-    let logit_bytes: Vec<u8> = logits.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let logit_bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     let n = tokens.len();
     let views = HashMap::from([
         (

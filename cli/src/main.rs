@@ -4,11 +4,14 @@ mod bench;
 mod bench_serve;
 mod bench_throughput;
 mod common;
+mod export_adapter;
+mod export_onnx;
 mod inspect;
 mod logits;
 mod make_data;
 mod merge;
 mod merge_adapters;
+mod provider;
 mod quantize;
 mod run;
 mod serve;
@@ -59,6 +62,12 @@ enum Command {
     /// Write a randomly initialised Llama GGUF with a BPE vocabulary learned from the
     /// generated corpus (the start of the default model's pretraining).
     InitModel(make_data::InitModelArgs),
+    /// Write a model as model.onnx + model.onnx.data for ONNX Runtime (prefill and decode
+    /// with KV-cache inputs/outputs; optional LoRA inputs for `export-adapter`).
+    ExportOnnx(export_onnx::ExportOnnxArgs),
+    /// Write adapters (--adapter PATH[:SCALE], repeatable) as an ONNX Runtime
+    /// .onnx_adapter file for a model exported with `export-onnx --lora-rank`.
+    ExportAdapter(export_adapter::ExportAdapterArgs),
     /// Measure prompt processing (pp) and generation (tg) speed like llama-bench; prints one JSON line.
     Bench(bench::BenchArgs),
     /// Show what a model or adapter file holds: architecture, key metadata, tensor table, totals.
@@ -109,6 +118,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args),
         Command::Logits(args) => logits::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::ExportOnnx(args) => export_onnx::run(&args),
+        Command::ExportAdapter(args) => export_adapter::run(&args),
         Command::MergeAdapters(args) => merge_adapters::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Train(args) => train::run(&args),

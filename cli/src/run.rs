@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use graft_runtime::chat::ChatMessage;
-use graft_runtime::generate::{generate_adapted, GenerateParams};
+use graft_runtime::generate::{generate_adapted, generate_with, GenerateError, GenerateParams};
 use graft_runtime::kv_cache::KvType;
 use graft_runtime::sampling::SamplingParams;
 
@@ -59,6 +59,8 @@ pub struct RunArgs {
     /// KV cache element type: f16 (as llama.cpp) or f32.
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv_type: String,
+    #[command(flatten)]
+    pub provider: crate::provider::ProviderArgs,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
@@ -107,13 +109,38 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let delta = adapters.as_ref().map(|a| a as &dyn LinearDelta);
-    let out = generate_adapted(&model, &tokenizer, &prompt, &params, delta, |piece| {
+    let on_text = |piece: &str| {
         // A closed stdout (piped into `head`) ends generation quietly.
         stdout
             .write_all(piece.as_bytes())
             .and_then(|()| stdout.flush())
             .is_ok()
-    })?;
+    };
+    let provider = args.provider.provider()?;
+    let out = if provider.is_ort() {
+        let mut r = crate::provider::OrtRunner::new(
+            &args.provider,
+            provider,
+            &model,
+            adapters.as_ref(),
+            args.model.threads,
+            prompt.len() + args.n_predict + 1,
+        )?;
+        let step = |tokens: &[u32], pos: usize| {
+            r.step(tokens, pos, false)
+                .map_err(|e| GenerateError::Backend(format!("{e:#}")))
+        };
+        generate_with(
+            model.config.n_vocab,
+            &tokenizer,
+            &prompt,
+            &params,
+            step,
+            on_text,
+        )?
+    } else {
+        generate_adapted(&model, &tokenizer, &prompt, &params, delta, on_text)?
+    };
     let _ = writeln!(stdout);
     let s = &out.stats;
     eprintln!(

@@ -118,7 +118,7 @@ pub fn dequantize_q3_k(src: &[BlockQ3_K], dst: &mut [f32]) {
 
 /// Scale and min of sub-block `j` (0..8) from the 12-byte packed 6-bit table of Q4_K/Q5_K.
 #[inline]
-fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

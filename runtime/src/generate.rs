@@ -4,9 +4,7 @@
 use std::time::Instant;
 
 use crate::kv_cache::{KvError, KvType};
-use crate::model::{
-    sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, ModelError, Scratch,
-};
+use crate::model::{sequence_batch, BatchDeltas, LinearDelta, Model, ModelError, Scratch};
 use crate::sampling::{Sampler, SamplingError, SamplingParams, StopChecker};
 use crate::tokenizer::Tokenizer;
 
@@ -93,6 +91,9 @@ pub enum GenerateError {
     Kv(#[from] KvError),
     #[error("empty prompt: at least one token is needed")]
     EmptyPrompt,
+    /// A backend other than graft's forward pass failed (see [`generate_with`]).
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// Generates a continuation of `prompt`. `on_text` receives each piece of text as it
@@ -115,18 +116,40 @@ pub fn generate_adapted(
     prompt: &[u32],
     params: &GenerateParams,
     delta: Option<&dyn LinearDelta>,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateOutput, GenerateError> {
+    let mut cache = model.new_cache(prompt.len() + params.max_tokens + 1, params.kv_type);
+    let mut scratch = Scratch::default();
+    let step = |tokens: &[u32], pos: usize| -> Result<Vec<f32>, GenerateError> {
+        let batch = sequence_batch(tokens, 0, pos, false);
+        let deltas = delta.map(|d| BatchDeltas::uniform(d, batch.len()));
+        let out = model.forward_adapted(&batch, &mut cache, &mut scratch, deltas.as_ref())?;
+        Ok(out.row(0).to_vec())
+    };
+    generate_with(
+        model.config.n_vocab,
+        tokenizer,
+        prompt,
+        params,
+        step,
+        on_text,
+    )
+}
+
+/// [`generate`] over any backend: `step(tokens, pos)` runs `tokens` at positions
+/// `pos..` of the one sequence and returns the `n_vocab` logits of the last of them.
+pub fn generate_with(
+    n_vocab: usize,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut step: impl FnMut(&[u32], usize) -> Result<Vec<f32>, GenerateError>,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateOutput, GenerateError> {
-    let step = |batch: &[BatchToken], cache: &mut _, scratch: &mut _| {
-        let deltas = delta.map(|d| BatchDeltas::uniform(d, batch.len()));
-        model.forward_adapted(batch, cache, scratch, deltas.as_ref())
-    };
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    let mut sampler = Sampler::new(params.sampling.clone(), model.config.n_vocab)?;
-    let mut cache = model.new_cache(prompt.len() + params.max_tokens + 1, params.kv_type);
-    let mut scratch = Scratch::default();
+    let mut sampler = Sampler::new(params.sampling.clone(), n_vocab)?;
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
         ..Default::default()
@@ -138,13 +161,7 @@ pub fn generate_adapted(
     let start = Instant::now();
     let mut logits = Vec::new();
     for (ci, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-        let base = ci * PREFILL_CHUNK;
-        let last_chunk = base + chunk.len() == prompt.len();
-        let batch = sequence_batch(chunk, 0, base, false);
-        let out = step(&batch, &mut cache, &mut scratch)?;
-        if last_chunk {
-            logits = out.row(0).to_vec();
-        }
+        logits = step(chunk, ci * PREFILL_CHUNK)?;
     }
     stats.prompt_secs = start.elapsed().as_secs_f64();
 
@@ -179,18 +196,7 @@ pub fn generate_adapted(
         if tokens.len() == params.max_tokens {
             break;
         }
-        let out = step(
-            &[BatchToken {
-                token: next,
-                pos,
-                seq: 0,
-                logits: true,
-            }],
-            &mut cache,
-            &mut scratch,
-        )?;
-        logits.clear();
-        logits.extend_from_slice(out.row(0));
+        logits = step(&[next], pos)?;
         pos += 1;
     }
     if finish != FinishReason::Cancelled && !stops.is_stopped() {

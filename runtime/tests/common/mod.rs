@@ -7,7 +7,14 @@ use graft_runtime::kv_cache::KvType;
 use graft_runtime::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, Scratch};
 
 pub fn conformance() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance");
+    // ../shared beside the repository (the workspace root holds Cargo.lock), so crates
+    // nested deeper (runtime/ort) can share this file.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .ancestors()
+        .find(|a| a.join("Cargo.lock").is_file())
+        .unwrap_or(manifest);
+    let dir = root.join("../shared/conformance");
     assert!(
         dir.join("index.json").is_file(),
         "conformance suite missing: expected {} (clone graft next to shared/)",

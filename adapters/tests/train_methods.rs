@@ -296,16 +296,22 @@ fn sara_trains_only_its_mask_and_round_trips() {
 }
 
 #[test]
-fn rps_fast_f32_path_matches_the_reference_path() {
+fn fast_f32_paths_match_the_reference_path() {
     let m = model("llama-gqa-Q8_0.gguf");
     let c = &m.config;
     let (ex, _) = task_examples(&m, 3);
     let net = Net::new(&m);
-    for cfg in [
-        RpsConfig::lora(4, 8.0, Budget::Ratio(0.1)),
-        RpsConfig::delta(Budget::Ratio(0.05)),
-    ] {
-        let method = Method::Rps(Rps::new(RpsLayout::new(c, &Proj::ALL, &cfg).unwrap()));
+    let methods = [
+        Method::Rps(Rps::new(
+            RpsLayout::new(c, &Proj::ALL, &RpsConfig::lora(4, 8.0, Budget::Ratio(0.1))).unwrap(),
+        )),
+        Method::Rps(Rps::new(
+            RpsLayout::new(c, &Proj::ALL, &RpsConfig::delta(Budget::Ratio(0.05))).unwrap(),
+        )),
+        // SaRA's f32 path runs the SIMD sparse kernels and SDDMM.
+        Method::Sara(Sara::new(&m, &targets_for(c, &Proj::ALL), 2e-3, 0.0, false).unwrap()),
+    ];
+    for method in methods {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let p32: Vec<f32> = method
             .init(&m, 2)

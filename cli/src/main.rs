@@ -4,6 +4,7 @@ mod bench;
 mod bench_serve;
 mod bench_throughput;
 mod common;
+mod demo;
 mod export_adapter;
 mod export_onnx;
 mod inspect;
@@ -53,6 +54,9 @@ enum Command {
     /// Combine several adapters into one sparse delta (linear, TIES, DARE, DAREx-q, PCB),
     /// written as a SaRA .safetensors file usable with --adapter.
     MergeAdapters(merge_adapters::MergeAdaptersArgs),
+    /// The default model and its demo adapters hot-swapped in one process: held-out
+    /// prompts of every adapter's task, answered by the base and by the adapter.
+    Demo(demo::DemoArgs),
     /// Train an adapter (LoRA) or the whole model on the CPU from JSONL or text data,
     /// with a progress bar and a final JSON report (loss, exact match, speed).
     Train(train::TrainArgs),
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
         Command::MergeAdapters(args) => merge_adapters::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::GenData(args) => make_data::gen_data(&args),
         Command::InitModel(args) => make_data::init_model(&args),
         Command::Inspect { file, json } => inspect::run(&file, json),

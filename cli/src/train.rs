@@ -147,6 +147,10 @@ pub struct TrainArgs {
     /// Held-out records used for exact match (greedy generation is the slow part).
     #[arg(long, default_value_t = 64)]
     pub eval_max: usize,
+    /// Exact match on these records (.jsonl) with the trained adapter active, reported
+    /// as retention (e.g. the base model's own task).
+    #[arg(long)]
+    pub retention_data: Option<PathBuf>,
     /// Recompute activations in the backward pass (less memory, ~1.3x the time).
     #[arg(long)]
     pub recompute: bool,
@@ -315,7 +319,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     } else {
         Some(trainer.exact_match(&tok, &eval_records)?)
     };
+    let retention = match &args.retention_data {
+        Some(path) => match data::load(path)? {
+            Data::Pairs(records) => {
+                let records: Vec<Record> = records.into_iter().take(args.eval_max).collect();
+                Some(trainer.exact_match(&tok, &records)?)
+            }
+            Data::Text(_) => bail!("{}: --retention-data needs .jsonl records", path.display()),
+        },
+        None => None,
+    };
     save(&trainer, args, format)?;
+    let out_bytes = path_bytes(&args.out);
     let report = serde_json::json!({
         "method": trainer.method.name(),
         "steps": trainer.step,
@@ -324,12 +339,44 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "eval_loss": eval_loss,
         "eval_exact_match": exact,
         "eval_records": eval_records.len(),
+        "retention_exact_match": retention,
         "train_seconds": train_secs,
+        "peak_rss_mib": peak_rss_mib(),
+        "out_bytes": out_bytes,
         "tokens_per_s": tokens as f64 / train_secs.max(1e-9),
         "out": args.out.display().to_string(),
     });
     println!("{report}");
     Ok(())
+}
+
+/// Bytes of a file, or of every file in a directory (PEFT output).
+fn path_bytes(p: &std::path::Path) -> u64 {
+    if p.is_dir() {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(p).map_or(0, |m| m.len())
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), where /proc has it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 fn rps_method(args: &TrainArgs, c: &ModelConfig) -> Result<Method> {

@@ -564,7 +564,7 @@ impl<'m> Net<'m> {
                 );
             }
             Some(DeltaOp::Sparse { idx, val }) => {
-                sparse_fwd(idx, val, inp, x, &mut y, out);
+                sparse_fwd(idx, val, (out, inp), x, &mut y)?;
             }
         }
         Ok((y, low))
@@ -640,7 +640,7 @@ impl<'m> Net<'m> {
                 Some(DeltaGrad::Dense { dw })
             }
             Some(DeltaOp::Sparse { idx, val }) => {
-                let dval = sparse_bwd(idx, val, inp, x, dy, out, dx);
+                let dval = sparse_bwd(idx, val, (out, inp), x, dy, dx)?;
                 Some(DeltaGrad::Sparse { dval })
             }
         };
@@ -954,27 +954,71 @@ fn add_grads<T: Real>(a: DeltaGrad<T>, b: DeltaGrad<T>) -> DeltaGrad<T> {
     }
 }
 
+/// `v` as f32 when `T` is f32 (the training scalar), so the f32 path can use the
+/// SIMD sparse kernels; the reference scalar takes the plain loops.
+fn as_f32<T: Real>(v: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so the slice is a slice of f32.
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) })
+}
+
+fn as_f32_mut<T: Real>(v: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so the slice is a slice of f32.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) })
+}
+
+fn sparse_delta_of(
+    idx: &[u32],
+    val: &[f32],
+    (out, inp): (usize, usize),
+) -> Result<crate::delta::SparseDelta, TrainError> {
+    crate::delta::SparseDelta::from_flat(out, inp, idx, val, 1.0)
+        .map_err(|e| TrainError::Shape(format!("sparse delta: {e}")))
+}
+
 /// `y[b, o] += sum_k val_k x[b, i_k]` over the entries of row `o` (sorted flat indices).
-fn sparse_fwd<T: Real>(idx: &[u32], val: &[T], inp: usize, x: &[T], y: &mut [T], out: usize) {
+fn sparse_fwd<T: Real>(
+    idx: &[u32],
+    val: &[T],
+    (out, inp): (usize, usize),
+    x: &[T],
+    y: &mut [T],
+) -> Result<(), TrainError> {
+    if let (Some(v), Some(xf)) = (as_f32(val), as_f32(x)) {
+        let d = sparse_delta_of(idx, v, (out, inp))?;
+        let n = xf.len() / inp.max(1);
+        let yf = as_f32_mut(y).ok_or_else(|| TrainError::Shape("scalar mismatch".into()))?;
+        return Ok(super::sara::sparse_forward(&d, xf, n, yf)?);
+    }
     for (xr, yr) in x.chunks_exact(inp).zip(y.chunks_exact_mut(out)) {
         for (&f, &v) in idx.iter().zip(val) {
             let (o, i) = (f as usize / inp, f as usize % inp);
             yr[o] += v * xr[i];
         }
     }
+    Ok(())
 }
 
 /// Gradient at the stored entries (`sum_b dy[b, o] x[b, i]`) and `dx += dy dW`.
 fn sparse_bwd<T: Real>(
     idx: &[u32],
     val: &[T],
-    inp: usize,
+    (out, inp): (usize, usize),
     x: &[T],
     dy: &[T],
-    out: usize,
     dx: &mut [T],
-) -> Vec<T> {
+) -> Result<Vec<T>, TrainError> {
     let mut dval = vec![T::ZERO; idx.len()];
+    if let (Some(v), Some(xf), Some(dyf)) = (as_f32(val), as_f32(x), as_f32(dy)) {
+        let d = sparse_delta_of(idx, v, (out, inp))?;
+        let n = xf.len() / inp.max(1);
+        let dxf = as_f32_mut(dx).ok_or_else(|| TrainError::Shape("scalar mismatch".into()))?;
+        super::sara::sparse_backward_input(&d, dyf, n, dxf)?;
+        let g = as_f32_mut(&mut dval).ok_or_else(|| TrainError::Shape("scalar mismatch".into()))?;
+        super::sara::sddmm(dyf, xf, n, out, inp, idx, g)?;
+        return Ok(dval);
+    }
     for ((xr, dyr), dxr) in x
         .chunks_exact(inp)
         .zip(dy.chunks_exact(out))
@@ -986,5 +1030,5 @@ fn sparse_bwd<T: Real>(
             dxr[i] += dyr[o] * v;
         }
     }
-    dval
+    Ok(dval)
 }

@@ -3,7 +3,8 @@
 # at rho 0.1 and 0.01) trained on every demo task with the same step budget; reports
 # held-out exact match, retention (the base's `copy` task with the adapter active),
 # trainable parameters, file size, peak RSS and training time as a Markdown table.
-# Usage: scripts/bench-methods.sh [STEPS]   (default 1000; results in target/bench-methods)
+# Usage: [TASKS="reverse upper add"] scripts/bench-methods.sh [STEPS]   (default 1000;
+# results in target/bench-methods)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-1000}
@@ -14,7 +15,7 @@ g=target/release/graft
 model=models/graft-default.gguf
 $g gen-data --task copy -n 200 --seed 99 -o "$out/copy-eval.jsonl"
 : > "$out/results.jsonl"
-for task in reverse upper recall add; do
+for task in ${TASKS:-reverse upper add}; do
   $g gen-data --task "$task" -n 2000 --seed 7 -o "$out/$task.jsonl"
   common=(-m "$model" --data "$out/$task.jsonl" --steps "$steps" --batch 16 --rank 16 --alpha 32
           --eval-max 100 --retention-data "$out/copy-eval.jsonl" --seed 0)

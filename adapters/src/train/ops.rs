@@ -375,72 +375,67 @@ fn token_chunks(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-/// `y[n, out] = x[n, in] W^T` over a frozen weight of any stored type.
-pub fn frozen_fwd<T: Real>(w: &Weight, x: &[T], n: usize, y: &mut [T]) -> Result<(), TrainError> {
+/// Runs `f(block_rows, r0, dst_chunk, src_chunk)` for every 64-row block of the frozen
+/// weight (dequantized into a per-thread buffer) and every thread's chunk of tokens;
+/// `dst` and `src` are `[n, dst_width]` and `[n, src_width]`.
+fn over_weight_blocks<T: Real>(
+    w: &Weight,
+    n: usize,
+    (dst, dst_width): (&mut [T], usize),
+    (src, src_width): (&[T], usize),
+    f: impl Fn(Mat<'_, T>, usize, &mut [T], &[T]) + Sync,
+) -> Result<(), TrainError> {
     let (out, inp) = (w.rows, w.cols);
     if n == 0 || out == 0 {
         return Ok(());
     }
     let per = token_chunks(n);
-    y.par_chunks_mut(per * out)
-        .zip(x.par_chunks(per * inp))
-        .try_for_each(|(yc, xc)| {
-            let rows_here = xc.len() / inp;
-            let mut f = vec![0f32; BLOCK_ROWS * inp];
+    dst.par_chunks_mut(per * dst_width)
+        .zip(src.par_chunks(per * src_width))
+        .try_for_each(|(dc, sc)| {
+            let mut f32buf = vec![0f32; BLOCK_ROWS * inp];
             let mut wb = vec![T::ZERO; BLOCK_ROWS * inp];
             let mut r0 = 0;
             while r0 < out {
                 let rows = BLOCK_ROWS.min(out - r0);
-                dequant_block(w, r0, rows, &mut f, &mut wb)?;
-                gemm(
-                    Mat::new(xc, rows_here, inp),
-                    Mat::new(&wb[..rows * inp], rows, inp).t(),
-                    T::ZERO,
-                    &mut yc[r0..],
-                    out,
-                );
+                dequant_block(w, r0, rows, &mut f32buf, &mut wb)?;
+                f(Mat::new(&wb[..rows * inp], rows, inp), r0, &mut *dc, sc);
                 r0 += rows;
             }
             Ok(())
         })
 }
 
+/// `y[n, out] = x[n, in] W^T` over a frozen weight of any stored type.
+pub fn frozen_fwd<T: Real>(w: &Weight, x: &[T], n: usize, y: &mut [T]) -> Result<(), TrainError> {
+    let (out, inp) = (w.rows, w.cols);
+    over_weight_blocks(w, n, (y, out), (x, inp), |block, r0, yc, xc| {
+        let tokens = xc.len() / inp;
+        gemm(
+            Mat::new(xc, tokens, inp),
+            block.t(),
+            T::ZERO,
+            &mut yc[r0..],
+            out,
+        );
+    })
+}
+
 /// `dx[n, in] += dy[n, out] W` over a frozen weight.
 pub fn frozen_bwd<T: Real>(w: &Weight, dy: &[T], n: usize, dx: &mut [T]) -> Result<(), TrainError> {
     let (out, inp) = (w.rows, w.cols);
-    if n == 0 || out == 0 {
-        return Ok(());
-    }
-    let per = token_chunks(n);
-    dx.par_chunks_mut(per * inp)
-        .zip(dy.par_chunks(per * out))
-        .try_for_each(|(dxc, dyc)| {
-            let rows_here = dyc.len() / out;
-            let mut f = vec![0f32; BLOCK_ROWS * inp];
-            let mut wb = vec![T::ZERO; BLOCK_ROWS * inp];
-            let mut r0 = 0;
-            while r0 < out {
-                let rows = BLOCK_ROWS.min(out - r0);
-                dequant_block(w, r0, rows, &mut f, &mut wb)?;
-                let dy_block = Mat {
-                    data: dyc,
-                    rows: rows_here,
-                    cols: out,
-                    ld: out,
-                    transposed: false,
-                }
-                .col_block(r0, rows);
-                gemm(
-                    dy_block,
-                    Mat::new(&wb[..rows * inp], rows, inp),
-                    T::ONE,
-                    dxc,
-                    inp,
-                );
-                r0 += rows;
-            }
-            Ok(())
-        })
+    over_weight_blocks(w, n, (dx, inp), (dy, out), |block, r0, dxc, dyc| {
+        let tokens = dyc.len() / out;
+        let dy_cols = Mat {
+            data: dyc,
+            rows: tokens,
+            cols: out,
+            ld: out,
+            transposed: false,
+        }
+        .col_block(r0, block.rows);
+        gemm(dy_cols, block, T::ONE, dxc, inp);
+    })
 }
 
 /// `y[n, out] = x[n, in] W^T` for a dense trainable `W [out, in]`.

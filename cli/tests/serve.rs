@@ -742,9 +742,16 @@ fn client_disconnect_cancels_queued_requests_and_frees_their_slot() {
     // Both clients leave while their requests are still queued.
     drop(q1);
     drop(q2);
-    let text = wait_metrics(&srv, "the queued requests to be cancelled", |t| {
-        metric_value(t, "graft_cancelled_requests_total") == 2.0
-    });
+    // The cancel counter moves at the cancel, the queue gauge at the engine's next
+    // stats refresh: wait for both to settle.
+    let text = wait_metrics(
+        &srv,
+        "the queued requests to be cancelled and dequeued",
+        |t| {
+            metric_value(t, "graft_cancelled_requests_total") == 2.0
+                && metric_value(t, "graft_queue_depth") == 0.0
+        },
+    );
     assert_eq!(metric_value(&text, "graft_queue_depth"), 0.0, "{text}");
     assert_eq!(
         metric_value(&text, "graft_running_sequences"),

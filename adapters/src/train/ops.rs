@@ -134,24 +134,9 @@ pub fn attention_fwd<T: Real>(
         .map(|&(si, h)| {
             let (start, len) = seqs[si];
             let g = h / s.group();
-            let qh = Mat {
-                data: &q[start * qd + h * hd..],
-                rows: len,
-                cols: hd,
-                ld: qd,
-                transposed: false,
-            };
-            let kh = Mat {
-                data: &k[start * kvd + g * hd..],
-                rows: len,
-                cols: hd,
-                ld: kvd,
-                transposed: false,
-            };
-            let vh = Mat {
-                data: &v[start * kvd + g * hd..],
-                ..kh
-            };
+            let qh = Mat::view(q, qd, (start, len), (h * hd, hd));
+            let kh = Mat::view(k, kvd, (start, len), (g * hd, hd));
+            let vh = Mat::view(v, kvd, (start, len), (g * hd, hd));
             let mut p = vec![T::ZERO; len * len];
             gemm(qh, kh.t(), T::ZERO, &mut p, len);
             for (i, row) in p.chunks_exact_mut(len).enumerate() {
@@ -215,17 +200,8 @@ pub fn attention_bwd<T: Real>(
         .par_iter()
         .map(|&(si, g)| {
             let (start, len) = seqs[si];
-            let kh = Mat {
-                data: &k[start * kvd + g * hd..],
-                rows: len,
-                cols: hd,
-                ld: kvd,
-                transposed: false,
-            };
-            let vh = Mat {
-                data: &v[start * kvd + g * hd..],
-                ..kh
-            };
+            let kh = Mat::view(k, kvd, (start, len), (g * hd, hd));
+            let vh = Mat::view(v, kvd, (start, len), (g * hd, hd));
             let mut dqs = vec![T::ZERO; group * len * hd];
             let mut dkh = vec![T::ZERO; len * hd];
             let mut dvh = vec![T::ZERO; len * hd];
@@ -233,17 +209,8 @@ pub fn attention_bwd<T: Real>(
             for j in 0..group {
                 let h = g * group + j;
                 let p = &probs[si * s.n_head + h];
-                let doh = Mat {
-                    data: &d_out[start * qd + h * hd..],
-                    rows: len,
-                    cols: hd,
-                    ld: qd,
-                    transposed: false,
-                };
-                let qh = Mat {
-                    data: &q[start * qd + h * hd..],
-                    ..doh
-                };
+                let doh = Mat::view(d_out, qd, (start, len), (h * hd, hd));
+                let qh = Mat::view(q, qd, (start, len), (h * hd, hd));
                 // dV += P^T dO; dP = dO V^T.
                 gemm(Mat::new(p, len, len).t(), doh, T::ONE, &mut dvh, hd);
                 gemm(doh, vh.t(), T::ZERO, &mut dp, len);
@@ -426,14 +393,7 @@ pub fn frozen_bwd<T: Real>(w: &Weight, dy: &[T], n: usize, dx: &mut [T]) -> Resu
     let (out, inp) = (w.rows, w.cols);
     over_weight_blocks(w, n, (dx, inp), (dy, out), |block, r0, dxc, dyc| {
         let tokens = dyc.len() / out;
-        let dy_cols = Mat {
-            data: dyc,
-            rows: tokens,
-            cols: out,
-            ld: out,
-            transposed: false,
-        }
-        .col_block(r0, block.rows);
+        let dy_cols = Mat::view(dyc, out, (0, tokens), (r0, block.rows));
         gemm(dy_cols, block, T::ONE, dxc, inp);
     })
 }

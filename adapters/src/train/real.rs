@@ -150,19 +150,27 @@ impl<'a, T> Mat<'a, T> {
         }
     }
 
+    /// Rows `[r0, r0 + rows)`, columns `[c0, c0 + cols)` of a row-major matrix whose rows
+    /// are `ld` apart (a head of packed attention activations, a column block).
+    pub fn view(
+        data: &'a [T],
+        ld: usize,
+        (r0, rows): (usize, usize),
+        (c0, cols): (usize, usize),
+    ) -> Self {
+        Mat {
+            data: data.get(r0 * ld + c0..).unwrap_or(&[]),
+            rows,
+            cols,
+            ld,
+            transposed: false,
+        }
+    }
+
     /// The transpose (a view: nothing moves).
     pub fn t(self) -> Self {
         Mat {
             transposed: !self.transposed,
-            ..self
-        }
-    }
-
-    /// Column block `[c0, c0 + width)` of the stored (untransposed) matrix.
-    pub fn col_block(self, c0: usize, width: usize) -> Self {
-        Mat {
-            data: self.data.get(c0..).unwrap_or(&[]),
-            cols: width,
             ..self
         }
     }
@@ -322,14 +330,7 @@ mod tests {
         for p in 0..k {
             wide[p * (n + 3) + 2..p * (n + 3) + 2 + n].copy_from_slice(&b[p * n..(p + 1) * n]);
         }
-        let bw = Mat {
-            data: &wide,
-            rows: k,
-            cols: n + 3,
-            ld: n + 3,
-            transposed: false,
-        }
-        .col_block(2, n);
+        let bw = Mat::view(&wide, n + 3, (0, k), (2, n));
         let mut c3 = want.clone();
         gemm(Mat::new(&a, m, k), bw, 1.0, &mut c3, n);
         let doubled: Vec<f64> = want.iter().map(|v| 2.0 * v).collect();

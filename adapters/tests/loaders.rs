@@ -3,6 +3,9 @@
 //! (rsLoRA, rank/alpha patterns, layers_to_transform, fan_in_fan_out, DoRA, q/k
 //! permutation) checked against dense f64 references computed here; GGUF save/load.
 
+#[path = "../../runtime/tests/common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 
 use graft_adapters::gguf_lora::{self, SavedAlpha};
@@ -82,14 +85,6 @@ fn tiny_model(arch: Arch, ty: GgmlType) -> Model {
     }
 }
 
-/// A fresh directory under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("graft-loaders-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A tensor for a synthetic file: name, dtype, shape, little-endian bytes.
 struct T {
     name: String,
@@ -119,7 +114,7 @@ fn st_bytes(tensors: &[T]) -> Vec<u8> {
 
 /// Writes a PEFT adapter directory.
 fn write_peft(name: &str, config_json: &str, tensors: &[T]) -> PathBuf {
-    let dir = temp_dir(name);
+    let dir = common::temp_dir(name);
     std::fs::write(dir.join(peft::CONFIG_FILE), config_json).unwrap();
     std::fs::write(dir.join(peft::WEIGHTS_FILE), st_bytes(tensors)).unwrap();
     dir
@@ -306,7 +301,7 @@ fn gguf_lora_loads_zero_copy_with_alpha_over_rank() {
         lora(&mut rng, c, 1, Proj::Down, 4),
     ];
     let tensors: Vec<_> = ls.iter().flat_map(|l| gguf_tensors(c, l)).collect();
-    let dir = temp_dir("gguf-ok");
+    let dir = common::temp_dir("gguf-ok");
     let path = dir.join("a.gguf");
     std::fs::write(
         &path,
@@ -398,7 +393,7 @@ fn gguf_lora_every_truncation_and_corruption_is_an_error_or_valid() {
         assert!(r.is_err(), "truncated at {n} of {} loaded", bytes.len());
     }
     // Through the file loader too (empty file, mid-header, mid-data).
-    let dir = temp_dir("gguf-trunc");
+    let dir = common::temp_dir("gguf-trunc");
     let path = dir.join("cut.gguf");
     for n in [0, 3, 4, 24, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&path, &bytes[..n]).unwrap();
@@ -685,7 +680,8 @@ fn peft_dora_matches_dense_reference() {
             &["lora_magnitude_vector", "use_dora is true"],
         );
         // DoRA cannot go into a GGUF LoRA.
-        let e = gguf_lora::save(&a, "llama", &temp_dir("dora-save").join("x.gguf")).unwrap_err();
+        let e = gguf_lora::save(&a, "llama", &common::temp_dir("dora-save").join("x.gguf"))
+            .unwrap_err();
         assert!(e.to_string().contains("DoRA"), "{e}");
     }
 }
@@ -816,7 +812,7 @@ fn peft_errors_name_the_tensor() {
         &["lora_A.other.weight", "second tensor"],
     );
     // Missing weights file; pickle-only checkpoint.
-    let dir = temp_dir("err-missing");
+    let dir = common::temp_dir("err-missing");
     std::fs::write(dir.join(peft::CONFIG_FILE), CFG).unwrap();
     assert_err(peft::load(&dir, &m), &[peft::WEIGHTS_FILE]);
     std::fs::write(dir.join("adapter_model.bin"), b"x").unwrap();
@@ -934,7 +930,7 @@ fn malformed_adapter_configs_are_named_errors() {
     assert!(!c.targets("model.layers.0.self_attn.k_proj"));
     // Through the loader: the file is named.
     let m = tiny_model(Arch::Llama, GgmlType::F32);
-    let dir = temp_dir("bad-config");
+    let dir = common::temp_dir("bad-config");
     std::fs::write(dir.join(peft::CONFIG_FILE), "{nope").unwrap();
     assert_err(
         load_adapter(&dir, &m),
@@ -945,7 +941,7 @@ fn malformed_adapter_configs_are_named_errors() {
 #[test]
 fn load_adapter_dispatch() {
     let m = tiny_model(Arch::Llama, GgmlType::F32);
-    let dir = temp_dir("dispatch");
+    let dir = common::temp_dir("dispatch");
     let sara = dir.join("s.safetensors");
     std::fs::write(&sara, b"whatever").unwrap();
     // A .safetensors file goes to the SaRA reader, which rejects this one.

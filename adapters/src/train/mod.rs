@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod init;
+pub mod job;
 pub mod linalg;
 pub mod method;
 pub mod net;
@@ -37,6 +38,10 @@ pub enum TrainError {
         file: String,
         source: std::io::Error,
     },
+    /// The caller asked to stop ([`job::Control::Cancel`]); the checkpoint, if one was
+    /// asked for, holds this step.
+    #[error("training cancelled after step {step}")]
+    Cancelled { step: usize },
     #[error(transparent)]
     Adapter(#[from] crate::AdapterError),
     #[error(transparent)]

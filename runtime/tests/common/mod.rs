@@ -6,6 +6,14 @@ use std::path::{Path, PathBuf};
 use graft_runtime::kv_cache::KvType;
 use graft_runtime::model::{sequence_batch, BatchDeltas, BatchToken, LinearDelta, Model, Scratch};
 
+/// A fresh, empty directory under the system temp dir, unique to this test process.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("graft-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 pub fn conformance() -> PathBuf {
     // ../shared beside the repository (the workspace root holds Cargo.lock), so crates
     // nested deeper (runtime/ort) can share this file.

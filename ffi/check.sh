@@ -36,7 +36,7 @@ cc "${cflags[@]}" ffi/tests/c/test_graft.c "$lib/libgraft.a" -lpthread -ldl -lm 
 "$work/test_static" "$models" "$work"
 
 step "C test, dynamic library"
-cc "${cflags[@]}" ffi/tests/c/test_graft.c -L "$lib" -lgraft -lm -o "$work/test_dynamic"
+cc "${cflags[@]}" ffi/tests/c/test_graft.c -L "$lib" -lgraft -lpthread -lm -o "$work/test_dynamic"
 LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$work/test_dynamic" "$models" "$work"
 
 step "example builds and runs"

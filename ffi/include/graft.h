@@ -64,6 +64,41 @@
 #define GRAFT_GENERATE_SEQ 0
 
 /*
+ Low-rank adapters on the target projections (writes a GGUF LoRA or a PEFT dir).
+ */
+#define GRAFT_TRAIN_LORA 0
+
+/*
+ SaRA: the smallest base weights train in place as a sparse delta (.safetensors).
+ */
+#define GRAFT_TRAIN_SARA 1
+
+/*
+ STABLE-RPS: adapter weights drawn from hashed shared pools (.rps).
+ */
+#define GRAFT_TRAIN_RPS 2
+
+/*
+ Every tensor of the model (writes a GGUF model).
+ */
+#define GRAFT_TRAIN_FULL 3
+
+/*
+ RPS gradient scaler for `graft_train_params.rps_scaler`: A^2 / c (default).
+ */
+#define GRAFT_RPS_SCALER_V1 0
+
+/*
+ RPS gradient scaler: the sum of squared lambdas.
+ */
+#define GRAFT_RPS_SCALER_V5 1
+
+/*
+ RPS gradient scaler: none.
+ */
+#define GRAFT_RPS_SCALER_NONE 2
+
+/*
  Result of every fallible call. On anything but `GRAFT_OK`, `graft_last_error()`
  describes what went wrong.
  */
@@ -282,6 +317,176 @@ typedef struct {
    */
   bool logits;
 } graft_batch_token;
+
+/*
+ Options for `graft_train`; fill with `graft_train_params_default` first, then set
+ `data_path`, `out_path` and what you want to change. Strings are NUL-terminated
+ UTF-8 and only read during the call.
+ */
+typedef struct {
+  /*
+   GRAFT_TRAIN_*.
+   */
+  uint32_t method;
+  /*
+   Training data: .jsonl with {"prompt", "completion"} (or {"text"}) per line, or
+   any other file as plain text.
+   */
+  const char *data_path;
+  /*
+   Where the result goes: a file, or a directory for format "peft".
+   */
+  const char *out_path;
+  /*
+   "gguf", "peft", "sara" or "rps"; NULL = the method's own format.
+   */
+  const char *format;
+  /*
+   Projections to adapt: "all", "attn", "mlp" or a list like "q,v"; NULL = "all".
+   */
+  const char *targets;
+  /*
+   LoRA (and RPS-LoRA) rank and alpha.
+   */
+  size_t rank;
+  float alpha;
+  /*
+   rsLoRA scaling alpha / sqrt(rank).
+   */
+  bool rslora;
+  /*
+   Optimizer steps.
+   */
+  size_t steps;
+  /*
+   Peak learning rate; <= 0 = the method's default.
+   */
+  float lr;
+  /*
+   Examples per micro-batch, and micro-batches per step.
+   */
+  size_t batch;
+  size_t accum;
+  size_t warmup;
+  /*
+   Gradient-norm clipping (0 = off).
+   */
+  float clip;
+  float weight_decay;
+  /*
+   Seeds the initialisation, the train/eval split and the batch order.
+   */
+  uint64_t seed;
+  /*
+   Longest example in tokens.
+   */
+  size_t max_len;
+  /*
+   Fraction of JSONL records held out for evaluation.
+   */
+  double eval_frac;
+  /*
+   Held-out records used for exact match (0 = skip that evaluation).
+   */
+  size_t eval_max;
+  /*
+   Recompute activations in the backward pass (less memory, more time).
+   */
+  bool recompute;
+  /*
+   SaRA: magnitude threshold, nuclear-norm weight, progressive re-selection.
+   */
+  float sara_theta;
+  float sara_lambda_rank;
+  bool sara_progressive;
+  /*
+   RPS: dense deltas from one pool instead of LoRA factors from two.
+   */
+  bool rps_delta;
+  /*
+   RPS: pool slots / virtual parameters, in (0, 1]; used when `rps_budget` is 0.
+   */
+  double rps_rho;
+  /*
+   RPS: pool slots in all (0 = use `rps_rho`).
+   */
+  uint64_t rps_budget;
+  /*
+   GRAFT_RPS_SCALER_*.
+   */
+  uint32_t rps_scaler;
+  /*
+   RPS: seed of the hash maps (stored in the file).
+   */
+  uint64_t rps_seed;
+  /*
+   Write a checkpoint here every `checkpoint_every` steps, at the end and on
+   cancel; NULL = none.
+   */
+  const char *checkpoint_path;
+  size_t checkpoint_every;
+  /*
+   Resume from this checkpoint (same data and options); NULL = start fresh.
+   */
+  const char *resume_path;
+} graft_train_params;
+
+/*
+ What `graft_train` reports after each step.
+ */
+typedef struct {
+  /*
+   Steps done (1-based) and asked for.
+   */
+  size_t step;
+  size_t steps;
+  /*
+   Mean loss per target token of this step.
+   */
+  double loss;
+  float lr;
+  float grad_norm;
+  /*
+   Training tokens per second so far.
+   */
+  double tokens_per_s;
+} graft_train_progress;
+
+/*
+ Called after every training step, on the thread that called `graft_train`.
+ Return false to cancel: training stops after this step, the checkpoint (if one
+ was asked for) is written, the result is not, and `graft_train` returns
+ GRAFT_ERR_CANCELLED. To cancel from another thread, set a flag there and return
+ false here when it is set. Must not unwind through graft.
+ */
+typedef bool (*graft_train_callback)(const graft_train_progress *progress, void *user_data);
+
+/*
+ What `graft_train` did.
+ */
+typedef struct {
+  /*
+   Steps done (also filled when cancelled).
+   */
+  size_t steps;
+  size_t trainable_params;
+  /*
+   Loss of the last step, and mean loss on the held-out examples.
+   */
+  double train_loss;
+  double eval_loss;
+  /*
+   Held-out exact match of greedy completions in [0, 1], or -1 when not measured.
+   */
+  double eval_exact_match;
+  size_t eval_records;
+  double train_seconds;
+  double tokens_per_s;
+  /*
+   Bytes written to `out_path`.
+   */
+  uint64_t out_bytes;
+} graft_train_report;
 
 #ifdef __cplusplus
 extern "C" {
@@ -558,6 +763,31 @@ graft_status graft_get_logits(const graft_session *session,
                               size_t i,
                               const float **out,
                               size_t *n_vocab);
+
+/*
+ Defaults of `graft train` for `method`: rank 8, alpha 16, 200 steps, batch 8, ...
+ */
+graft_train_params graft_train_params_default(uint32_t method);
+
+/*
+ Trains on the model's base weights as loaded (quantized or float) and writes the
+ result to `params->out_path`, which `graft_adapter_load` (or, for
+ GRAFT_TRAIN_FULL, `graft_model_load`) reads. The base model is not changed and
+ stays usable from other threads meanwhile. `callback` (may be NULL) sees every
+ step and can cancel; `*report` (may be NULL) is filled on success and, with the
+ steps done, on cancel. Returns GRAFT_ERR_IO for unreadable files,
+ GRAFT_ERR_FORMAT for bad training data (the message names file:line),
+ GRAFT_ERR_INVALID_ARGUMENT for options that do not fit the method or model,
+ GRAFT_ERR_CANCELLED when the callback stopped it.
+
+ # Safety
+ Pointers must be NULL or valid; strings in `params` NUL-terminated.
+ */
+graft_status graft_train(const graft_model *model,
+                         const graft_train_params *params,
+                         graft_train_callback callback,
+                         void *user_data,
+                         graft_train_report *report);
 
 #ifdef __cplusplus
 }  // extern "C"

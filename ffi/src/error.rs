@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use graft_adapters::train::TrainError;
 use graft_adapters::{AdapterError, RegistryError};
 use graft_runtime::gguf::{GgufError, GgufErrorKind};
 use graft_runtime::kv_cache::KvError;
@@ -99,27 +100,43 @@ impl From<TokenizerError> for Error {
     }
 }
 
+fn adapter_status(e: &AdapterError) -> graft_status {
+    use graft_status::*;
+    match e {
+        AdapterError::Io { .. } => GRAFT_ERR_IO,
+        AdapterError::Gguf(g) => gguf_status(g),
+        AdapterError::Model(m) => model_status(m),
+        // Tensors named or shaped for another model: the adapter is well-formed
+        // but was trained for a different base.
+        AdapterError::Shape { .. } | AdapterError::Tensor { .. } => GRAFT_ERR_INCOMPATIBLE,
+        AdapterError::Registry(r) => match r {
+            RegistryError::NotLoaded { .. } => GRAFT_ERR_NOT_FOUND,
+            RegistryError::GenerationMismatch { .. } => GRAFT_ERR_CONFLICT,
+            RegistryError::TooLarge { .. } | RegistryError::NoCapacity { .. } => GRAFT_ERR_CAPACITY,
+            RegistryError::EmptyName => GRAFT_ERR_INVALID_ARGUMENT,
+        },
+        _ => GRAFT_ERR_FORMAT,
+    }
+}
+
 impl From<AdapterError> for Error {
     fn from(e: AdapterError) -> Error {
+        Error::new(adapter_status(&e), e.to_string())
+    }
+}
+
+impl From<TrainError> for Error {
+    fn from(e: TrainError) -> Error {
         use graft_status::*;
         let status = match &e {
-            AdapterError::Io { .. } => GRAFT_ERR_IO,
-            AdapterError::Gguf(g) => gguf_status(g),
-            AdapterError::Model(m) => model_status(m),
-            // Tensors named or shaped for another model: the adapter is well-formed
-            // but was trained for a different base.
-            AdapterError::Shape { .. } | AdapterError::Tensor { .. } => GRAFT_ERR_INCOMPATIBLE,
-            AdapterError::Registry(r) => match r {
-                RegistryError::NotLoaded { .. } => GRAFT_ERR_NOT_FOUND,
-                RegistryError::GenerationMismatch { .. } => GRAFT_ERR_CONFLICT,
-                RegistryError::TooLarge { .. } | RegistryError::NoCapacity { .. } => {
-                    GRAFT_ERR_CAPACITY
-                }
-                RegistryError::EmptyName => GRAFT_ERR_INVALID_ARGUMENT,
-            },
-            _ => GRAFT_ERR_FORMAT,
+            TrainError::Io { .. } => GRAFT_ERR_IO,
+            TrainError::Data(_) | TrainError::Quant { .. } => GRAFT_ERR_FORMAT,
+            TrainError::Config(_) | TrainError::Shape(_) => GRAFT_ERR_INVALID_ARGUMENT,
+            TrainError::Cancelled { .. } => GRAFT_ERR_CANCELLED,
+            TrainError::Adapter(a) => adapter_status(a),
+            TrainError::Model(m) => model_status(m),
         };
-        Error::new(status, e.to_string())
+        Error::new(status, format!("train: {e}"))
     }
 }
 

@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
+use graft_adapters::train::job::{self, Control, JobReport, JobSpec, Progress};
+use graft_adapters::train::TrainError;
 use graft_adapters::{load_adapter, AdapterStack, Registry, RegistryLimits};
 use graft_runtime::kv_cache::{KvCache, KvType};
 use graft_runtime::model::{sequence_batch, BatchDeltas, BatchToken, Logits, Model, Scratch};
@@ -1213,5 +1215,391 @@ pub unsafe extern "C" fn graft_get_logits(
             n_vocab.write(row.len());
         }
         Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------------
+
+// Training methods for `graft_train_params.method` (plain integers, not a C enum:
+// an out-of-range enum read from C would be undefined behaviour in Rust).
+/// Low-rank adapters on the target projections (writes a GGUF LoRA or a PEFT dir).
+pub const GRAFT_TRAIN_LORA: u32 = 0;
+/// SaRA: the smallest base weights train in place as a sparse delta (.safetensors).
+pub const GRAFT_TRAIN_SARA: u32 = 1;
+/// STABLE-RPS: adapter weights drawn from hashed shared pools (.rps).
+pub const GRAFT_TRAIN_RPS: u32 = 2;
+/// Every tensor of the model (writes a GGUF model).
+pub const GRAFT_TRAIN_FULL: u32 = 3;
+
+/// RPS gradient scaler for `graft_train_params.rps_scaler`: A^2 / c (default).
+pub const GRAFT_RPS_SCALER_V1: u32 = 0;
+/// RPS gradient scaler: the sum of squared lambdas.
+pub const GRAFT_RPS_SCALER_V5: u32 = 1;
+/// RPS gradient scaler: none.
+pub const GRAFT_RPS_SCALER_NONE: u32 = 2;
+
+/// Options for `graft_train`; fill with `graft_train_params_default` first, then set
+/// `data_path`, `out_path` and what you want to change. Strings are NUL-terminated
+/// UTF-8 and only read during the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct graft_train_params {
+    /// GRAFT_TRAIN_*.
+    pub method: u32,
+    /// Training data: .jsonl with {"prompt", "completion"} (or {"text"}) per line, or
+    /// any other file as plain text.
+    pub data_path: *const c_char,
+    /// Where the result goes: a file, or a directory for format "peft".
+    pub out_path: *const c_char,
+    /// "gguf", "peft", "sara" or "rps"; NULL = the method's own format.
+    pub format: *const c_char,
+    /// Projections to adapt: "all", "attn", "mlp" or a list like "q,v"; NULL = "all".
+    pub targets: *const c_char,
+    /// LoRA (and RPS-LoRA) rank and alpha.
+    pub rank: usize,
+    pub alpha: f32,
+    /// rsLoRA scaling alpha / sqrt(rank).
+    pub rslora: bool,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate; <= 0 = the method's default.
+    pub lr: f32,
+    /// Examples per micro-batch, and micro-batches per step.
+    pub batch: usize,
+    pub accum: usize,
+    pub warmup: usize,
+    /// Gradient-norm clipping (0 = off).
+    pub clip: f32,
+    pub weight_decay: f32,
+    /// Seeds the initialisation, the train/eval split and the batch order.
+    pub seed: u64,
+    /// Longest example in tokens.
+    pub max_len: usize,
+    /// Fraction of JSONL records held out for evaluation.
+    pub eval_frac: f64,
+    /// Held-out records used for exact match (0 = skip that evaluation).
+    pub eval_max: usize,
+    /// Recompute activations in the backward pass (less memory, more time).
+    pub recompute: bool,
+    /// SaRA: magnitude threshold, nuclear-norm weight, progressive re-selection.
+    pub sara_theta: f32,
+    pub sara_lambda_rank: f32,
+    pub sara_progressive: bool,
+    /// RPS: dense deltas from one pool instead of LoRA factors from two.
+    pub rps_delta: bool,
+    /// RPS: pool slots / virtual parameters, in (0, 1]; used when `rps_budget` is 0.
+    pub rps_rho: f64,
+    /// RPS: pool slots in all (0 = use `rps_rho`).
+    pub rps_budget: u64,
+    /// GRAFT_RPS_SCALER_*.
+    pub rps_scaler: u32,
+    /// RPS: seed of the hash maps (stored in the file).
+    pub rps_seed: u64,
+    /// Write a checkpoint here every `checkpoint_every` steps, at the end and on
+    /// cancel; NULL = none.
+    pub checkpoint_path: *const c_char,
+    pub checkpoint_every: usize,
+    /// Resume from this checkpoint (same data and options); NULL = start fresh.
+    pub resume_path: *const c_char,
+}
+
+/// What `graft_train` reports after each step.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct graft_train_progress {
+    /// Steps done (1-based) and asked for.
+    pub step: usize,
+    pub steps: usize,
+    /// Mean loss per target token of this step.
+    pub loss: f64,
+    pub lr: f32,
+    pub grad_norm: f32,
+    /// Training tokens per second so far.
+    pub tokens_per_s: f64,
+}
+
+/// Called after every training step, on the thread that called `graft_train`.
+/// Return false to cancel: training stops after this step, the checkpoint (if one
+/// was asked for) is written, the result is not, and `graft_train` returns
+/// GRAFT_ERR_CANCELLED. To cancel from another thread, set a flag there and return
+/// false here when it is set. Must not unwind through graft.
+pub type graft_train_callback = Option<
+    unsafe extern "C" fn(progress: *const graft_train_progress, user_data: *mut c_void) -> bool,
+>;
+
+/// What `graft_train` did.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct graft_train_report {
+    /// Steps done (also filled when cancelled).
+    pub steps: usize,
+    pub trainable_params: usize,
+    /// Loss of the last step, and mean loss on the held-out examples.
+    pub train_loss: f64,
+    pub eval_loss: f64,
+    /// Held-out exact match of greedy completions in [0, 1], or -1 when not measured.
+    pub eval_exact_match: f64,
+    pub eval_records: usize,
+    pub train_seconds: f64,
+    pub tokens_per_s: f64,
+    /// Bytes written to `out_path`.
+    pub out_bytes: u64,
+}
+
+/// Defaults of `graft train` for `method`: rank 8, alpha 16, 200 steps, batch 8, ...
+#[no_mangle]
+pub extern "C" fn graft_train_params_default(method: u32) -> graft_train_params {
+    let d = JobSpec::default();
+    graft_train_params {
+        method,
+        data_path: std::ptr::null(),
+        out_path: std::ptr::null(),
+        format: std::ptr::null(),
+        targets: std::ptr::null(),
+        rank: d.rank,
+        alpha: d.alpha,
+        rslora: d.rslora,
+        steps: d.steps,
+        lr: 0.0,
+        batch: d.batch,
+        accum: d.accum,
+        warmup: d.warmup,
+        clip: d.clip,
+        weight_decay: d.weight_decay,
+        seed: d.seed,
+        max_len: d.max_len,
+        eval_frac: d.eval_frac,
+        eval_max: d.eval_max,
+        recompute: d.recompute,
+        sara_theta: d.theta,
+        sara_lambda_rank: d.lambda_rank,
+        sara_progressive: d.progressive,
+        rps_delta: false,
+        rps_rho: d.rho,
+        rps_budget: 0,
+        rps_scaler: GRAFT_RPS_SCALER_V1,
+        rps_seed: d.rps_seed,
+        checkpoint_path: std::ptr::null(),
+        checkpoint_every: d.checkpoint_every,
+        resume_path: std::ptr::null(),
+    }
+}
+
+/// # Safety
+/// String pointers in `p` must be NULL or NUL-terminated.
+unsafe fn train_spec(p: &graft_train_params) -> Result<JobSpec> {
+    use graft_adapters::rps::Scaler;
+    use graft_adapters::train::job::{MethodKind, OutputFormat, RpsMode, TrainData};
+    // SAFETY (all c_str calls below): NULL or NUL-terminated per the contract.
+    let opt_str = |ptr: *const c_char, what: &str| -> Result<Option<String>> {
+        if ptr.is_null() {
+            Ok(None)
+        } else {
+            Ok(Some(unsafe { c_str(ptr, what) }?.to_owned()))
+        }
+    };
+    let data = unsafe { c_str(p.data_path, "params.data_path") }?;
+    let out = unsafe { c_str(p.out_path, "params.out_path") }?;
+    let format = match opt_str(p.format, "params.format")? {
+        None => None,
+        Some(f) => Some(OutputFormat::from_name(&f).ok_or_else(|| {
+            Error::invalid(format!(
+                "params.format {f:?}: expected \"gguf\", \"peft\", \"sara\" or \"rps\""
+            ))
+        })?),
+    };
+    let scaler = match p.rps_scaler {
+        GRAFT_RPS_SCALER_V1 => Scaler::V1,
+        GRAFT_RPS_SCALER_V5 => Scaler::V5,
+        GRAFT_RPS_SCALER_NONE => Scaler::None,
+        other => {
+            return Err(Error::invalid(format!(
+                "params.rps_scaler {other}: expected GRAFT_RPS_SCALER_V1, _V5 or _NONE"
+            )))
+        }
+    };
+    let method = match p.method {
+        GRAFT_TRAIN_LORA => MethodKind::Lora,
+        GRAFT_TRAIN_SARA => MethodKind::Sara,
+        GRAFT_TRAIN_RPS => MethodKind::Rps,
+        GRAFT_TRAIN_FULL => MethodKind::Full,
+        other => {
+            return Err(Error::invalid(format!(
+                "params.method {other}: expected GRAFT_TRAIN_LORA, _SARA, _RPS or _FULL"
+            )))
+        }
+    };
+    let d = JobSpec::default();
+    Ok(JobSpec {
+        method,
+        data: TrainData::File(PathBuf::from(data)),
+        out: PathBuf::from(out),
+        format,
+        rank: p.rank,
+        alpha: p.alpha,
+        rslora: p.rslora,
+        targets: opt_str(p.targets, "params.targets")?.unwrap_or(d.targets),
+        steps: p.steps,
+        lr: (p.lr > 0.0).then_some(p.lr),
+        theta: p.sara_theta,
+        lambda_rank: p.sara_lambda_rank,
+        progressive: p.sara_progressive,
+        rps_mode: if p.rps_delta {
+            RpsMode::Delta
+        } else {
+            RpsMode::Lora
+        },
+        rho: p.rps_rho,
+        budget: (p.rps_budget > 0).then_some(p.rps_budget),
+        scaler,
+        rps_seed: p.rps_seed,
+        batch: p.batch,
+        accum: p.accum,
+        warmup: p.warmup,
+        clip: p.clip,
+        weight_decay: p.weight_decay,
+        seed: p.seed,
+        max_len: p.max_len,
+        eval_frac: p.eval_frac,
+        eval_every: 0,
+        eval_max: p.eval_max,
+        retention_data: None,
+        recompute: p.recompute,
+        checkpoint: opt_str(p.checkpoint_path, "params.checkpoint_path")?.map(PathBuf::from),
+        checkpoint_every: p.checkpoint_every,
+        resume: opt_str(p.resume_path, "params.resume_path")?.map(PathBuf::from),
+    })
+}
+
+/// Trains on the model's base weights as loaded (quantized or float) and writes the
+/// result to `params->out_path`, which `graft_adapter_load` (or, for
+/// GRAFT_TRAIN_FULL, `graft_model_load`) reads. The base model is not changed and
+/// stays usable from other threads meanwhile. `callback` (may be NULL) sees every
+/// step and can cancel; `*report` (may be NULL) is filled on success and, with the
+/// steps done, on cancel. Returns GRAFT_ERR_IO for unreadable files,
+/// GRAFT_ERR_FORMAT for bad training data (the message names file:line),
+/// GRAFT_ERR_INVALID_ARGUMENT for options that do not fit the method or model,
+/// GRAFT_ERR_CANCELLED when the callback stopped it.
+///
+/// # Safety
+/// Pointers must be NULL or valid; strings in `params` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn graft_train(
+    model: *const graft_model,
+    params: *const graft_train_params,
+    callback: graft_train_callback,
+    user_data: *mut c_void,
+    report: *mut graft_train_report,
+) -> graft_status {
+    guard(|| {
+        // SAFETY: live handle or NULL per the contract.
+        let m = unsafe { model_ref(model) }?;
+        non_null(params, "params")?;
+        // SAFETY: non-NULL and readable per the contract.
+        let p = unsafe { params.read() };
+        // SAFETY: the strings in `p` are NULL or NUL-terminated per the contract.
+        let spec = unsafe { train_spec(&p) }?;
+        let mut on_progress = |pr: &Progress| -> Control {
+            let Progress::Step {
+                stats,
+                steps,
+                tokens_per_s,
+            } = *pr
+            else {
+                return Control::Continue;
+            };
+            let Some(cb) = callback else {
+                return Control::Continue;
+            };
+            let c = graft_train_progress {
+                step: stats.step,
+                steps,
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_s,
+            };
+            // SAFETY: a C function pointer given by the caller; `c` outlives the call.
+            if unsafe { cb(&c, user_data) } {
+                Control::Continue
+            } else {
+                Control::Cancel
+            }
+        };
+        let r = match train_on_caller_thread(m, &spec, &mut on_progress) {
+            Ok(r) => r,
+            Err(e) => {
+                if let TrainError::Cancelled { step } = e {
+                    // SAFETY: NULL or writable per the contract.
+                    unsafe {
+                        write_opt(
+                            report,
+                            graft_train_report {
+                                steps: step,
+                                train_loss: f64::NAN,
+                                eval_loss: f64::NAN,
+                                eval_exact_match: -1.0,
+                                ..Default::default()
+                            },
+                        )
+                    };
+                }
+                return Err(e.into());
+            }
+        };
+        // SAFETY: NULL or writable per the contract.
+        unsafe {
+            write_opt(
+                report,
+                graft_train_report {
+                    steps: r.steps,
+                    trainable_params: r.trainable_params,
+                    train_loss: r.train_loss,
+                    eval_loss: r.eval_loss,
+                    eval_exact_match: r.eval_exact_match.unwrap_or(-1.0),
+                    eval_records: r.eval_records,
+                    train_seconds: r.train_seconds,
+                    tokens_per_s: r.tokens_per_s,
+                    out_bytes: r.out_bytes,
+                },
+            )
+        };
+        Ok(())
+    })
+}
+
+/// Runs the job in the model's thread pool while progress comes back to the caller's
+/// thread, so the C callback always runs where `graft_train` was called (as the
+/// header promises) whatever pool does the work.
+fn train_on_caller_thread(
+    m: &Arc<ModelInner>,
+    spec: &JobSpec,
+    on_progress: &mut dyn FnMut(&Progress) -> Control,
+) -> std::result::Result<JobReport, TrainError> {
+    use std::sync::mpsc;
+    let (progress_tx, progress_rx) = mpsc::channel::<Progress>();
+    let (answer_tx, answer_rx) = mpsc::channel::<Control>();
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            m.run(move || {
+                job::run(&m.model, &m.tokenizer, spec, &mut |p| {
+                    if progress_tx.send(*p).is_err() {
+                        return Control::Cancel;
+                    }
+                    answer_rx.recv().unwrap_or(Control::Cancel)
+                })
+            })
+        });
+        for p in progress_rx {
+            // A send fails only when the worker is gone; it then ends the loop too.
+            let _ = answer_tx.send(on_progress(&p));
+        }
+        // A panic in the worker continues on this thread, where the entry point's
+        // guard turns it into GRAFT_ERR_INTERNAL.
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }

@@ -10,6 +10,7 @@
 #include "graft.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -459,6 +460,186 @@ static void test_batched_decode(const graft_model *m, const uint32_t *pa, size_t
     free(lb);
 }
 
+/* ---- training ---- */
+
+typedef struct {
+    size_t calls;
+    size_t last_step;
+    size_t cancel_at; /* return false at this step (0 = never) */
+    int ordered;
+    int finite;
+    int same_thread;
+    pthread_t caller;
+} train_state;
+
+static bool on_train_step(const graft_train_progress *p, void *user) {
+    train_state *t = (train_state *)user;
+    t->calls++;
+    if (p->step != t->last_step + 1 || p->step > p->steps) t->ordered = 0;
+    if (!isfinite(p->loss) || !(p->lr > 0.0f)) t->finite = 0;
+    if (!pthread_equal(pthread_self(), t->caller)) t->same_thread = 0;
+    t->last_step = p->step;
+    return t->cancel_at == 0 || p->step < t->cancel_at;
+}
+
+static int file_exists(const char *path) { return access(path, F_OK) == 0; }
+
+/* Writes a small "reverse the words" task as JSONL; returns 0 on success. */
+static int write_task(const char *path) {
+    static const char *words[] = {"red", "blue", "cat", "dog", "sun", "moon", "tree", "sea"};
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    for (int i = 0; i < 48; i++) {
+        const char *a = words[i % 8], *b = words[(i / 8 + i) % 8], *c = words[(i * 3 + 1) % 8];
+        fprintf(f, "{\"prompt\": \"reverse: %s %s %s =\", \"completion\": \" %s %s %s\"}\n", a, b,
+                c, c, b, a);
+    }
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+static void test_training(graft_model *m, const char *tmp, const uint32_t *prompt, size_t n_prompt) {
+    char data[1100], bad_data[1100], out[1100], ck[1100], missing[1100];
+    snprintf(data, sizeof data, "%s/graft-c-train.jsonl", tmp);
+    snprintf(bad_data, sizeof bad_data, "%s/graft-c-bad.jsonl", tmp);
+    snprintf(out, sizeof out, "%s/graft-c-lora.gguf", tmp);
+    snprintf(ck, sizeof ck, "%s/graft-c-ck.safetensors", tmp);
+    snprintf(missing, sizeof missing, "%s/graft-c-missing.jsonl", tmp);
+    CHECK(write_task(data) == 0, "write %s", data);
+    FILE *f = fopen(bad_data, "w");
+    CHECK(f != NULL, "write %s", bad_data);
+    if (f) {
+        fputs("{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n", f);
+        fclose(f);
+    }
+    remove(out);
+    remove(ck);
+
+    graft_train_params p = graft_train_params_default(GRAFT_TRAIN_LORA);
+    CHECK(p.rank == 8 && p.steps == 200 && p.batch == 8, "defaults %zu %zu %zu", p.rank, p.steps,
+          p.batch);
+    p.data_path = data;
+    p.out_path = out;
+    p.steps = 4;
+    p.batch = 4;
+    p.rank = 4;
+    p.eval_max = 2;
+    p.lr = 5e-3f;
+
+    /* Wrong arguments: nothing trains, nothing is written. */
+    graft_train_report r;
+    EXPECT_ERR(graft_train(NULL, &p, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    EXPECT_ERR(graft_train(m, NULL, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    graft_train_params q = p;
+    q.data_path = NULL;
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.out_path = NULL;
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.method = 99;
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.format = "onnx";
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.method = GRAFT_TRAIN_SARA;
+    q.format = "peft";
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.rps_scaler = 7;
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.targets = "q,nonsense";
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_INVALID_ARGUMENT);
+    q = p;
+    q.data_path = missing;
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_IO);
+    CHECK(strstr(graft_last_error(), "graft-c-missing.jsonl") != NULL, "names the file: %s",
+          graft_last_error());
+    q = p;
+    q.data_path = bad_data;
+    EXPECT_ERR(graft_train(m, &q, NULL, NULL, &r), GRAFT_ERR_FORMAT);
+    CHECK(strstr(graft_last_error(), "graft-c-bad.jsonl:2") != NULL, "names file:line: %s",
+          graft_last_error());
+    CHECK(!file_exists(out), "failed runs wrote %s", out);
+
+    /* A LoRA: progress per step, a report, a file that loads and changes generation. */
+    train_state t = {0, 0, 0, 1, 1, 1, pthread_self()};
+    memset(&r, 0, sizeof r);
+    EXPECT_OK(graft_train(m, &p, on_train_step, &t, &r));
+    CHECK(t.calls == 4 && t.last_step == 4 && t.ordered && t.finite, "progress %zu %zu %d %d",
+          t.calls, t.last_step, t.ordered, t.finite);
+    CHECK(t.same_thread, "the callback ran on another thread than graft_train's caller");
+    CHECK(r.steps == 4 && r.trainable_params > 0, "report %zu %zu", r.steps, r.trainable_params);
+    CHECK(isfinite(r.train_loss) && isfinite(r.eval_loss), "losses %f %f", r.train_loss,
+          r.eval_loss);
+    CHECK(r.eval_records == 2 && r.eval_exact_match >= 0.0 && r.eval_exact_match <= 1.0,
+          "exact match %f over %zu", r.eval_exact_match, r.eval_records);
+    CHECK(r.out_bytes > 0 && file_exists(out), "wrote %llu bytes", (unsigned long long)r.out_bytes);
+    uint64_t gen = 0;
+    EXPECT_OK(graft_adapter_load(m, "trained", out, &gen));
+    graft_session *s = NULL;
+    EXPECT_OK(graft_session_create(m, NULL, &s));
+    uint32_t base[MAX_GEN], adapted[MAX_GEN];
+    greedy(s, prompt, n_prompt, base);
+    graft_adapter_ref ref = {"trained", 1.0f};
+    EXPECT_OK(graft_session_set_adapters(s, &ref, 1));
+    greedy(s, prompt, n_prompt, adapted);
+    graft_session_free(s);
+    EXPECT_OK(graft_adapter_unload(m, "trained"));
+
+    /* Cancel from the callback at step 2: CANCELLED, a checkpoint, no result. */
+    remove(out);
+    t = (train_state){0, 0, 2, 1, 1, 1, pthread_self()};
+    p.checkpoint_path = ck;
+    EXPECT_ERR(graft_train(m, &p, on_train_step, &t, &r), GRAFT_ERR_CANCELLED);
+    CHECK(t.calls == 2 && r.steps == 2, "cancelled after %zu calls, report %zu", t.calls, r.steps);
+    CHECK(!file_exists(out) && file_exists(ck), "cancel wrote out=%d ck=%d", file_exists(out),
+          file_exists(ck));
+    /* ... and resuming finishes the remaining steps. */
+    p.resume_path = ck;
+    t = (train_state){0, 2, 0, 1, 1, 1, pthread_self()};
+    EXPECT_OK(graft_train(m, &p, on_train_step, &t, &r));
+    CHECK(t.calls == 2 && r.steps == 4 && file_exists(out), "resumed %zu calls, %zu steps",
+          t.calls, r.steps);
+    p.checkpoint_path = NULL;
+    p.resume_path = NULL;
+
+    /* SaRA, RPS and full training write what the loaders take. */
+    const unsigned methods[] = {GRAFT_TRAIN_SARA, GRAFT_TRAIN_RPS, GRAFT_TRAIN_FULL};
+    const char *names[] = {"sara.safetensors", "rps", "full.gguf"};
+    for (int i = 0; i < 3; i++) {
+        graft_train_params mp = graft_train_params_default(methods[i]);
+        char mout[1100];
+        snprintf(mout, sizeof mout, "%s/graft-c-train.%s", tmp, names[i]);
+        remove(mout);
+        mp.data_path = data;
+        mp.out_path = mout;
+        mp.steps = 2;
+        mp.batch = 2;
+        mp.eval_max = 0;
+        mp.rps_rho = 0.5;
+        memset(&r, 0, sizeof r);
+        EXPECT_OK(graft_train(m, &mp, NULL, NULL, &r));
+        CHECK(r.steps == 2 && r.eval_exact_match == -1.0 && r.out_bytes > 0,
+              "%s: %zu steps, em %f, %llu bytes", names[i], r.steps, r.eval_exact_match,
+              (unsigned long long)r.out_bytes);
+        if (methods[i] == GRAFT_TRAIN_FULL) {
+            graft_model *full = NULL;
+            EXPECT_OK(graft_model_load(mout, NULL, &full));
+            graft_model_free(full);
+        } else {
+            EXPECT_OK(graft_adapter_load(m, names[i], mout, &gen));
+            EXPECT_OK(graft_adapter_unload(m, names[i]));
+        }
+        remove(mout);
+    }
+    remove(out);
+    remove(ck);
+    remove(data);
+    remove(bad_data);
+}
+
 int main(int argc, char **argv) {
     snprintf(models_dir, sizeof models_dir, "%s",
              argc > 1 ? argv[1] : "../shared/conformance/models");
@@ -490,6 +671,7 @@ int main(int argc, char **argv) {
     test_sessions_and_generation(m, pa, na);
     test_adapters(m, pa, na);
     test_batched_decode(m, pa, na, pb, nb, info.n_vocab);
+    test_training(m, tmp, pa, na);
 
     /* A session outlives its model handle. */
     graft_session *s = NULL;

@@ -44,6 +44,14 @@ cc "${cflags[@]}" examples/c/generate.c "$lib/libgraft.a" -lpthread -ldl -lm -o 
 "$work/generate" "$models/llama-gqa-Q8_0.gguf" "Hello" "$models/llama-gqa-lora-all-r8.gguf" 0.5 >"$work/generate.out"
 tail -n 1 "$work/generate.out"
 
+step "training example builds and runs (LoRA on graft's default model)"
+cc "${cflags[@]}" examples/c/train.c "$lib/libgraft.a" -lpthread -ldl -lm -o "$work/train"
+cargo run --release -q -p graft-cli -- gen-data --task upper -n 2000 -o "$work/upper.jsonl"
+"$work/train" models/graft-default.gguf "$work/upper.jsonl" "$work/upper.gguf" 600 \
+    "upper: ship lamp king =" >"$work/train.out" 2>"$work/train.log"
+tail -n 1 "$work/train.log"
+tail -n 1 "$work/train.out"
+
 step "C test under valgrind (dynamic library)"
 # rayon's pool threads are still alive at exit ("possibly lost"/"still reachable"):
 # only definite leaks and memory errors fail.

@@ -230,6 +230,56 @@ fn checkpoints_resume_exactly_and_loss_falls() {
 }
 
 #[test]
+fn sara_resumes_exactly_across_its_progressive_step() {
+    let m = model("llama-gqa-Q4_0.gguf");
+    let (ex, _) = task_examples(&m, 40);
+    let c = &m.config;
+    let sara =
+        || Method::Sara(Sara::new(&m, &targets_for(c, &Proj::ALL), 2e-3, 5e-4, true).unwrap());
+    let mut straight = Trainer::new(&m, sara(), config(8)).unwrap();
+    let n0 = straight.params.len();
+    for _ in 0..8 {
+        straight.train_step(&ex).unwrap();
+    }
+    assert!(
+        straight.params.len() < n0,
+        "the progressive step froze nothing"
+    );
+    // Checkpoints before and after the progressive step (at 4 of 8) both resume exactly.
+    let dir = common::temp_dir("sara-resume");
+    for stop in [3, 6] {
+        let mut a = Trainer::new(&m, sara(), config(8)).unwrap();
+        for _ in 0..stop {
+            a.train_step(&ex).unwrap();
+        }
+        let ck = dir.join(format!("ck{stop}.safetensors"));
+        a.save_checkpoint(&ck).unwrap();
+        let mut b = Trainer::new(&m, sara(), config(8)).unwrap();
+        b.load_checkpoint(&ck).unwrap();
+        assert_eq!(b.params.len(), a.params.len());
+        for _ in stop..8 {
+            b.train_step(&ex).unwrap();
+        }
+        assert_eq!(b.params, straight.params, "resumed at {stop}");
+        assert_eq!(b.opt, straight.opt, "resumed at {stop}");
+        assert_eq!(
+            b.method.to_adapter(&m, &b.params).unwrap().iter().count(),
+            straight
+                .method
+                .to_adapter(&m, &straight.params)
+                .unwrap()
+                .iter()
+                .count()
+        );
+        // Loading twice into the same trainer is refused rather than mis-masked.
+        if stop == 6 {
+            let e = b.load_checkpoint(&ck).unwrap_err().to_string();
+            assert!(e.contains("fresh trainer"), "{e}");
+        }
+    }
+}
+
+#[test]
 fn sara_trains_only_its_mask_and_round_trips() {
     let m = model("llama-gqa-Q4_0.gguf");
     let c = &m.config;

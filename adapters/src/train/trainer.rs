@@ -67,6 +67,9 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
+/// Checkpoint tensor holding [`Trainer::sara_adjusted_from`].
+const SARA_ADJUSTED_FROM: &str = "sara_adjusted_from";
+
 pub struct Trainer<'m> {
     pub model: &'m Model,
     pub method: Method,
@@ -76,6 +79,9 @@ pub struct Trainer<'m> {
     /// Optimizer steps taken.
     pub step: usize,
     decay: Vec<bool>,
+    /// SaRA: the parameters its progressive step chose the new mask from. Checkpoints
+    /// keep them so a resumed run rebuilds the same mask.
+    sara_adjusted_from: Option<Vec<f32>>,
 }
 
 impl<'m> Trainer<'m> {
@@ -95,6 +101,7 @@ impl<'m> Trainer<'m> {
             opt: AdamW::new(config.adam, n),
             config,
             step: 0,
+            sara_adjusted_from: None,
         })
     }
 
@@ -166,7 +173,9 @@ impl<'m> Trainer<'m> {
         let half = self.config.steps / 2;
         if let Method::Sara(s) = &mut self.method {
             if s.progressive && half > 0 && self.step == half {
-                self.params = s.adjust(&self.params)?;
+                let before = std::mem::take(&mut self.params);
+                self.params = s.adjust(&before)?;
+                self.sara_adjusted_from = Some(before);
                 self.opt.reset(self.params.len());
                 self.decay = self.method.decay_mask();
             }
@@ -236,6 +245,12 @@ impl<'m> Trainer<'m> {
         t.insert("params".to_owned(), StTensor::f32(vec![n], &self.params));
         t.insert("adam_m".to_owned(), StTensor::f32(vec![n], &self.opt.m));
         t.insert("adam_v".to_owned(), StTensor::f32(vec![n], &self.opt.v));
+        if let Some(before) = &self.sara_adjusted_from {
+            t.insert(
+                SARA_ADJUSTED_FROM.to_owned(),
+                StTensor::f32(vec![before.len()], before),
+            );
+        }
         let name = path.display().to_string();
         st_write::write_atomic(path, &st_write::to_bytes(&meta, &t, &name)?)?;
         Ok(())
@@ -276,8 +291,7 @@ impl<'m> Trainer<'m> {
             .map_err(|_| bad("adam_t is not a number".into()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let n = self.params.len();
-        let read = |k: &str| -> Result<Vec<f32>, TrainError> {
+        let read_n = |k: &str, n: usize| -> Result<Vec<f32>, TrainError> {
             let t = st
                 .tensor(k)
                 .map_err(|_| bad(format!("tensor {k:?} is missing")))?;
@@ -293,7 +307,34 @@ impl<'m> Trainer<'m> {
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect())
         };
+        // A SaRA run past its progressive step: redo that step from the saved
+        // parameters, which rebuilds the mask the checkpointed parameters live on.
+        let mut adjusted = None;
+        if st.tensor(SARA_ADJUSTED_FROM).is_ok() {
+            let Method::Sara(s) = &self.method else {
+                return Err(bad(format!("tensor {SARA_ADJUSTED_FROM} is for SaRA only")));
+            };
+            if self.sara_adjusted_from.is_some() {
+                return Err(bad(
+                    "load it into a fresh trainer (its mask has changed)".into()
+                ));
+            }
+            let before = read_n(SARA_ADJUSTED_FROM, self.params.len())?;
+            let mut s = s.clone();
+            s.adjust(&before)?;
+            adjusted = Some((s, before));
+        }
+        let n = match &adjusted {
+            Some((s, _)) => s.tensors.last().map_or(0, |t| t.range.end),
+            None => self.params.len(),
+        };
+        let read = |k: &str| read_n(k, n);
         let (p, m, v) = (read("params")?, read("adam_m")?, read("adam_v")?);
+        if let Some((s, before)) = adjusted {
+            self.method = Method::Sara(s);
+            self.decay = self.method.decay_mask();
+            self.sara_adjusted_from = Some(before);
+        }
         self.params = p;
         self.opt.m = m;
         self.opt.v = v;

@@ -1,6 +1,7 @@
 //! Python bindings of graft (`graft._graft`, re-exported by the `graft` package).
 //!
-//! Every call that computes (loading, forward passes, generation) releases the GIL.
+//! Every call that computes (loading, forward passes, generation, training) releases
+//! the GIL.
 //! Errors from graft become `graft.GraftError` carrying the message the `graft`
 //! command line would print; wrong argument types stay Python's TypeError/ValueError.
 
@@ -24,6 +25,8 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PySequence, PyString};
+
+mod train;
 
 create_exception!(
     graft,
@@ -432,8 +435,9 @@ impl PyModel {
         Ok(self.inner.tokenizer.decode_with(&ids, special))
     }
 
-    /// Loads an adapter (GGUF LoRA file, PEFT folder or SaRA .safetensors file) under
-    /// `name`; a loaded name gets the new version. Returns its `Adapter` record.
+    /// Loads an adapter (GGUF LoRA file, PEFT folder, SaRA .safetensors file or
+    /// STABLE-RPS .rps file) under `name`; a loaded name gets the new version. Returns
+    /// its `Adapter` record.
     fn load_adapter(&self, py: Python<'_>, name: &str, path: PathBuf) -> PyResult<Adapter> {
         let inner = &self.inner;
         py.detach(|| {
@@ -903,6 +907,11 @@ fn _graft(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Session>()?;
     m.add_class::<Adapter>()?;
     m.add_class::<TextStream>()?;
+    m.add("TrainCancelled", m.py().get_type::<train::TrainCancelled>())?;
+    m.add_class::<train::TrainProgress>()?;
+    m.add_class::<train::TrainReport>()?;
+    m.add_function(wrap_pyfunction!(train::train, m)?)?;
+    m.add_function(wrap_pyfunction!(train::train_defaults, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

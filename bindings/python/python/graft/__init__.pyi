@@ -1,7 +1,7 @@
 """Type stubs of the graft Python bindings (native module graft._graft)."""
 
 from os import PathLike
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +15,13 @@ StrPath = Union[str, "PathLike[str]"]
 class GraftError(Exception):
     """An error reported by graft (loading, adapters, inference); the message is
     graft's own, as the `graft` command line prints it."""
+
+class TrainCancelled(GraftError):
+    """Training stopped because the progress callback returned a true value. No
+    result was written (a checkpoint was, if one was asked for)."""
+
+    step: int
+    """The last finished step."""
 
 class Adapter:
     """A loaded adapter, as `Model.adapters()` and `Model.load_adapter()` report it."""
@@ -82,8 +89,9 @@ class Model:
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
         """Concatenated pieces of ids, as generation streams them."""
     def load_adapter(self, name: str, path: StrPath) -> Adapter:
-        """Loads a GGUF LoRA file, PEFT folder or SaRA .safetensors file under name
-        (a new version if name is loaded). GraftError if it does not fit the model."""
+        """Loads a GGUF LoRA file, PEFT folder, SaRA .safetensors file or STABLE-RPS
+        .rps file under name (a new version if name is loaded). GraftError if it does
+        not fit the model."""
     def replace_adapter(self, name: str, path: StrPath) -> Adapter:
         """Replaces the loaded adapter name (GraftError if not loaded). Sessions and
         streams already started keep the version they started with."""
@@ -170,3 +178,134 @@ class Session:
     @property
     def adapters(self) -> List[Tuple[str, float]]: ...
     def __len__(self) -> int: ...
+
+class TrainProgress:
+    """One progress event of `train`, given to its progress callback. Fields that do
+    not belong to the event's kind are None."""
+
+    kind: str
+    """"started", "step" (after every optimizer step), "eval" (every eval_every
+    steps) or "finishing" (training done; evaluation and saving follow)."""
+    step: int
+    """Steps finished ("started": where training starts, non-zero on resume)."""
+    steps: int
+    """Steps in all."""
+    loss: Optional[float]
+    """"step": the step's mean loss per target token; "eval": the last step's."""
+    eval_loss: Optional[float]
+    """"eval": loss on the held-out examples."""
+    lr: Optional[float]
+    """"step": learning rate of the step."""
+    grad_norm: Optional[float]
+    """"step": gradient norm before clipping."""
+    tokens: Optional[int]
+    """"step": tokens the step ran through."""
+    tokens_per_s: Optional[float]
+    """"step": tokens per second since training started."""
+    method: Optional[str]
+    """"started": the method's name."""
+    trainable_params: Optional[int]
+    """"started": trainable parameters."""
+    train_examples: Optional[int]
+    """"started": training examples."""
+    eval_examples: Optional[int]
+    """"started": held-out examples."""
+
+class TrainReport:
+    """The outcome of `train`: the fields of `graft train`'s JSON report."""
+
+    method: str
+    """"lora", "full", "sara" or "rps"."""
+    steps: int
+    """Optimizer steps run (resumed ones included)."""
+    trainable_params: int
+    train_loss: float
+    """Loss of the last step."""
+    eval_loss: float
+    """Loss on the held-out examples at the end (NaN without any)."""
+    eval_exact_match: Optional[float]
+    """Exact match of greedy completions on held-out records (None without records)."""
+    eval_records: int
+    """Held-out records the exact match ran on."""
+    retention_exact_match: Optional[float]
+    """Exact match on retention_data with the result active (None without it)."""
+    train_seconds: float
+    """Seconds in the training loop."""
+    tokens_per_s: float
+    out: str
+    """The written file or directory."""
+    out_bytes: int
+    """Its size in bytes."""
+
+#: Training data: a path to a .jsonl file of {"prompt", "completion"} records (or a
+#: plain text file), or the records themselves ({"text": ...} trains on all its text).
+TrainData = Union[StrPath, Sequence[Mapping[str, str]]]
+
+def train(
+    model: Model,
+    data: Optional[TrainData],
+    out: StrPath,
+    *,
+    text: Optional[str] = None,
+    method: str = "lora",
+    format: Optional[str] = None,
+    rank: int = 8,
+    alpha: float = 16.0,
+    rslora: bool = False,
+    targets: str = "all",
+    steps: int = 200,
+    lr: Optional[float] = None,
+    theta: float = 0.002,
+    lambda_rank: float = 0.0005,
+    progressive: bool = True,
+    rps_mode: str = "lora",
+    rho: float = 0.1,
+    budget: Optional[int] = None,
+    scaler: str = "v1",
+    rps_seed: int = 123321,
+    batch: int = 8,
+    accum: int = 1,
+    warmup: int = 10,
+    clip: float = 1.0,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    max_len: int = 256,
+    eval_frac: float = 0.1,
+    eval_every: int = 0,
+    eval_max: int = 64,
+    retention_data: Optional[StrPath] = None,
+    recompute: bool = False,
+    checkpoint: Optional[StrPath] = None,
+    checkpoint_every: int = 100,
+    resume: Optional[StrPath] = None,
+    progress: Optional[Callable[[TrainProgress], Optional[bool]]] = None,
+) -> TrainReport:
+    """Trains an adapter (or with method="full" the whole model) on model and writes
+    it to out, as `graft train` does (same options, defaults and report; the
+    defaults are train_defaults()).
+
+    data: a path (str or os.PathLike) to a .jsonl file of {"prompt", "completion"}
+    records or to a plain text file, or a list of {"prompt", "completion"} dicts. A
+    str is always a path: for text given directly pass data=None and text=... .
+
+    method: "lora", "full", "sara" or "rps". format: "gguf" (lora, full), "peft"
+    (lora, a directory), "sara" or "rps"; None picks the method's own. targets:
+    "all", "attn", "mlp" or a list like "q,v". lr: None is 1e-3 (SaRA:
+    1e-3 * exp(-350 theta)). theta, lambda_rank, progressive: SaRA. rps_mode
+    ("lora", "delta"), rho, budget, scaler ("v1", "v5", "none"), rps_seed: RPS.
+    eval_frac of the records is held out; eval_every N steps reports an "eval"
+    event; checkpoint / checkpoint_every / resume as `graft train`.
+
+    progress is called with a TrainProgress at the start, after every step, at every
+    evaluation and before the result is written. A true return value stops training
+    after the current step and raises TrainCancelled; an exception raised by it stops
+    training the same way and propagates (raised at "finishing", the result is
+    still written). Ctrl-C stops training after the current step (KeyboardInterrupt).
+    A stopped run writes no result. The GIL is released while training, except while
+    the callback runs.
+
+    Unknown method, format, rps_mode or scaler names raise ValueError; errors from
+    graft (data, options that do not fit the model, I/O) raise GraftError."""
+
+def train_defaults() -> Dict[str, Any]:
+    """The keyword defaults of train() (those of `graft train`), by name."""

@@ -614,17 +614,23 @@ pub fn matmul_with(
         return Ok(());
     }
 
-    let threads = rayon::current_num_threads().max(1);
     if n_tokens == 1 {
         // A few large tasks per thread: enough to even out a slow thread, few enough
-        // that each task streams a long run of consecutive rows.
+        // that each task streams a long run of consecutive rows. From outside rayon's
+        // pool (decode) this runs on the persistent team, see `pool`.
+        let threads = crate::pool::current_num_threads().max(1);
         let chunk = rows.div_ceil(threads * 4);
         let act = &acts[0];
-        y.par_chunks_mut(chunk)
-            .zip(weights.par_chunks(chunk * rb))
-            .for_each(|(yc, wc)| f(wc, rb, act, yc));
+        crate::pool::for_each_chunk_mut(y, chunk, |i, yc| {
+            let start = i * chunk * rb;
+            if let Some(wc) = weights.get(start..start + yc.len() * rb) {
+                f(wc, rb, act, yc);
+            }
+        });
         return Ok(());
     }
+
+    let threads = rayon::current_num_threads().max(1);
 
     // Several tokens: a chunk of rows small enough to stay in L2 is dotted with every
     // token before moving on. Results land chunk-major ([chunk][token][row]) so each

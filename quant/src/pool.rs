@@ -177,10 +177,12 @@ impl Team {
         let mut spins = 0u32;
         while sh.finished.load(Ordering::Acquire) < joined {
             spins += 1;
-            if spins < 1 << 12 {
+            // A task is at most tens of microseconds (kernels::TASK_MAX_BYTES); waiting
+            // longer (~64 ns per pause on Zen 4) means the helper was descheduled
+            // mid-task: let it have the core.
+            if spins < 1 << 9 {
                 std::hint::spin_loop();
             } else {
-                // A joined helper was descheduled mid-task: let it have the core.
                 thread::yield_now();
             }
         }

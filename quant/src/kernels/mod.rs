@@ -543,6 +543,15 @@ const TOKEN_TILE_BYTES: usize = 256 << 10;
 /// the work of the few microseconds a rayon fork-join costs.
 const SERIAL_MAX_BYTES: usize = 64 << 10;
 
+/// [`SERIAL_MAX_BYTES`] for one token on the persistent team (`pool`), whose
+/// hand-off costs a cache-line transfer rather than a wake-up.
+const TEAM_SERIAL_MAX_BYTES: usize = 16 << 10;
+
+/// Weight bytes per task of a one-token product at most: the output projection
+/// (tens of MB) in a few tasks per thread left one thread waiting up to a whole
+/// task (~0.2 ms) for the other at its end.
+const TASK_MAX_BYTES: usize = 256 << 10;
+
 /// [`matmul`] at an explicit level (tests and benches).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with(
@@ -588,7 +597,12 @@ pub fn matmul_with(
     }
 
     // Small products (LoRA factors, tiny models) cost less than waking the pool.
-    let serial = wbytes.saturating_mul(n_tokens) <= SERIAL_MAX_BYTES;
+    let serial_max = if n_tokens == 1 && crate::pool::prefers_team() {
+        TEAM_SERIAL_MAX_BYTES
+    } else {
+        SERIAL_MAX_BYTES
+    };
+    let serial = wbytes.saturating_mul(n_tokens) <= serial_max;
     let acts: Vec<Activations> = if n_tokens == 1 {
         vec![quantize_activations_with(lvl, w, x)?]
     } else if serial {
@@ -619,7 +633,7 @@ pub fn matmul_with(
         // that each task streams a long run of consecutive rows. From outside rayon's
         // pool (decode) this runs on the persistent team, see `pool`.
         let threads = crate::pool::current_num_threads().max(1);
-        let chunk = rows.div_ceil(threads * 4);
+        let chunk = rows.div_ceil(threads * 4).min((TASK_MAX_BYTES / rb).max(1));
         let act = &acts[0];
         crate::pool::for_each_chunk_mut(y, chunk, |i, yc| {
             let start = i * chunk * rb;

@@ -9,7 +9,7 @@
 //! starts with a cache-line transfer instead of a wake-up, and the calling thread
 //! works as the first member instead of sleeping (ggml's threadpool does the same).
 //!
-//! - Helpers spin for at most [`SPIN`] after their last job, then park: an idle
+//! - Helpers spin for at most `SPIN` (200 us) after their last job, then park: an idle
 //!   process burns no core.
 //! - Tasks are claimed from an atomic counter, so a helper that is descheduled (a
 //!   busy machine) leaves its share to the others; the caller waits only for the

@@ -498,7 +498,8 @@ pub fn vec_dot_with(
 
 /// `y[t, r] = sum_c W[r, c] * x[t, c]`: W is `rows` x `cols` row-major in type `w`,
 /// `x` is `n_tokens` x `cols`, `y` is `n_tokens` x `rows`. Rows are split across the
-/// current rayon pool; activations are quantized once per call.
+/// current rayon pool, or for one token called from outside it, across the persistent
+/// team of [`crate::pool`]; activations are quantized once per call.
 pub fn matmul(
     w: GgmlType,
     weights: &[u8],

@@ -9,6 +9,7 @@ mod float;
 pub mod kernels;
 pub mod kquants;
 pub mod legacy;
+pub mod pool;
 mod types;
 
 pub use types::{GgmlType, QK, QK_K};

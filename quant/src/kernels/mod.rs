@@ -498,7 +498,8 @@ pub fn vec_dot_with(
 
 /// `y[t, r] = sum_c W[r, c] * x[t, c]`: W is `rows` x `cols` row-major in type `w`,
 /// `x` is `n_tokens` x `cols`, `y` is `n_tokens` x `rows`. Rows are split across the
-/// current rayon pool; activations are quantized once per call.
+/// current rayon pool, or for one token called from outside it, across the persistent
+/// team of [`crate::pool`]; activations are quantized once per call.
 pub fn matmul(
     w: GgmlType,
     weights: &[u8],
@@ -542,6 +543,15 @@ const TOKEN_TILE_BYTES: usize = 256 << 10;
 /// Weight bytes times tokens up to which a product runs on the calling thread: about
 /// the work of the few microseconds a rayon fork-join costs.
 const SERIAL_MAX_BYTES: usize = 64 << 10;
+
+/// [`SERIAL_MAX_BYTES`] for one token on the persistent team (`pool`), whose
+/// hand-off costs a cache-line transfer rather than a wake-up.
+const TEAM_SERIAL_MAX_BYTES: usize = 16 << 10;
+
+/// Weight bytes per task of a one-token product at most: the output projection
+/// (tens of MB) in a few tasks per thread left one thread waiting up to a whole
+/// task (~0.2 ms) for the other at its end.
+const TASK_MAX_BYTES: usize = 256 << 10;
 
 /// [`matmul`] at an explicit level (tests and benches).
 #[allow(clippy::too_many_arguments)]
@@ -588,7 +598,12 @@ pub fn matmul_with(
     }
 
     // Small products (LoRA factors, tiny models) cost less than waking the pool.
-    let serial = wbytes.saturating_mul(n_tokens) <= SERIAL_MAX_BYTES;
+    let serial_max = if n_tokens == 1 && crate::pool::prefers_team() {
+        TEAM_SERIAL_MAX_BYTES
+    } else {
+        SERIAL_MAX_BYTES
+    };
+    let serial = wbytes.saturating_mul(n_tokens) <= serial_max;
     let acts: Vec<Activations> = if n_tokens == 1 {
         vec![quantize_activations_with(lvl, w, x)?]
     } else if serial {
@@ -614,17 +629,23 @@ pub fn matmul_with(
         return Ok(());
     }
 
-    let threads = rayon::current_num_threads().max(1);
     if n_tokens == 1 {
         // A few large tasks per thread: enough to even out a slow thread, few enough
-        // that each task streams a long run of consecutive rows.
-        let chunk = rows.div_ceil(threads * 4);
+        // that each task streams a long run of consecutive rows. From outside rayon's
+        // pool (decode) this runs on the persistent team, see `pool`.
+        let threads = crate::pool::current_num_threads().max(1);
+        let chunk = rows.div_ceil(threads * 4).min((TASK_MAX_BYTES / rb).max(1));
         let act = &acts[0];
-        y.par_chunks_mut(chunk)
-            .zip(weights.par_chunks(chunk * rb))
-            .for_each(|(yc, wc)| f(wc, rb, act, yc));
+        crate::pool::for_each_chunk_mut(y, chunk, |i, yc| {
+            let start = i * chunk * rb;
+            if let Some(wc) = weights.get(start..start + yc.len() * rb) {
+                f(wc, rb, act, yc);
+            }
+        });
         return Ok(());
     }
+
+    let threads = rayon::current_num_threads().max(1);
 
     // Several tokens: a chunk of rows small enough to stay in L2 is dotted with every
     // token before moving on. Results land chunk-major ([chunk][token][row]) so each

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use graft_quant::kernels;
+use graft_quant::{kernels, pool};
 use rayon::prelude::*;
 
 use super::delta::{BatchDeltas, Proj};
@@ -132,7 +132,7 @@ fn project(
     let mut term = vec![0f32; y.len()];
     let delta_term =
         |term: &mut [f32]| apply_deltas(Some(deltas), (layer, proj), x, w.cols, term, w.rows);
-    if n > JOIN_MAX_TOKENS || !matches!(proj, Proj::O | Proj::Down) {
+    if !fork(n) || !matches!(proj, Proj::O | Proj::Down) {
         linear(w, x, n, y)?;
         delta_term(&mut term)?;
     } else {
@@ -150,11 +150,22 @@ fn project(
 /// +15-20% decode on smollm2-135m), while large batches already fill every thread.
 const JOIN_MAX_TOKENS: usize = 8;
 
+/// Whether independent projections of `n` tokens run as concurrent rayon branches.
+/// Not for one token when the matmuls run on the persistent team (`pool`): there
+/// each product uses every thread without a wake-up, and a rayon branch would move
+/// it back onto rayon's pool.
+fn fork(n: usize) -> bool {
+    n <= JOIN_MAX_TOKENS && !(n == 1 && pool::prefers_team())
+}
+
+/// One (sequence, kv head)'s keys and values, widened to f32.
+type History = (Vec<f32>, Vec<f32>);
+
 type Target<'w, 'y> = (Proj, &'w Weight, &'y mut Vec<f32>);
 
 /// Two projections of the same input `x`.
 fn project2(site: Site, n: usize, x: &[f32], [a, b]: [Target; 2]) -> Result<(), ModelError> {
-    if n > JOIN_MAX_TOKENS {
+    if !fork(n) {
         project(site, a.0, a.1, x, n, a.2)?;
         return project(site, b.0, b.1, x, n, b.2);
     }
@@ -167,7 +178,7 @@ fn project2(site: Site, n: usize, x: &[f32], [a, b]: [Target; 2]) -> Result<(), 
 
 /// Three projections of the same input `x` (q, k, v).
 fn project3(site: Site, n: usize, x: &[f32], [a, b, c]: [Target; 3]) -> Result<(), ModelError> {
-    if n > JOIN_MAX_TOKENS {
+    if !fork(n) {
         project(site, a.0, a.1, x, n, a.2)?;
         return project2(site, n, x, [b, c]);
     }
@@ -249,6 +260,49 @@ fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
             for (v, &bb) in row.iter_mut().zip(b) {
                 *v += bb;
             }
+        }
+    }
+}
+
+thread_local! {
+    /// One kv head's widened keys and values, reused across layers and steps by the
+    /// thread that attends for a single token (no allocation or zeroing per layer).
+    static KV_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+}
+
+/// Causal attention of one token's query heads of kv group `g` (`group` heads of
+/// `hd`, query row `qt` of all heads) over the first `len` keys/values `kh`/`vh`
+/// (`hd` each), written to `out` (`group * hd`).
+fn attend(
+    (group, hd, scale): (usize, usize, f32),
+    g: usize,
+    qt: &[f32],
+    kh: &[f32],
+    vh: &[f32],
+    len: usize,
+    out: &mut [f32],
+) {
+    let mut scores = vec![0f32; len];
+    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+        let head = g * group + j;
+        let qh = &qt[head * hd..(head + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (p, sc) in scores.iter_mut().enumerate() {
+            let kr = &kh[p * hd..(p + 1) * hd];
+            let dot = simd::dot(qh, kr);
+            *sc = dot * scale;
+            max = max.max(*sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        o.fill(0.0);
+        for (p, &w) in scores.iter().enumerate() {
+            let vr = &vh[p * hd..(p + 1) * hd];
+            simd::axpy(o, w * inv, vr);
         }
     }
 }
@@ -451,57 +505,59 @@ impl Model {
                     .map_err(fwd_err)?;
             }
 
-            // Widen each (sequence, kv head) history once; every token of that
-            // sequence then reads its prefix.
             let cache_ref = &*cache;
-            let histories: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs.len() * c.n_head_kv)
-                .into_par_iter()
-                .map(|idx| {
-                    let (si, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
-                    let len = read_len[si];
-                    let mut k = vec![0f32; len * hd];
-                    let mut v = vec![0f32; len * hd];
-                    cache_ref
-                        .read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)
-                        .map(|()| (k, v))
-                })
-                .collect::<Result<_, _>>()
-                .map_err(fwd_err)?;
-
             let q = &s.q;
-            s.attn
-                .par_chunks_mut(group * hd)
-                .enumerate()
-                .for_each(|(idx, out)| {
-                    let (ti, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
-                    let t = &batch[ti];
-                    let si = seq_slot.get(&t.seq).copied().unwrap_or(0);
-                    let (kh, vh) = &histories[si * c.n_head_kv + g];
-                    let len = t.pos + 1;
-                    let mut scores = vec![0f32; len];
-                    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-                        let head = g * group + j;
-                        let qh = &q[ti * qd + head * hd..ti * qd + (head + 1) * hd];
-                        let mut max = f32::NEG_INFINITY;
-                        for (p, sc) in scores.iter_mut().enumerate() {
-                            let kr = &kh[p * hd..(p + 1) * hd];
-                            let dot = simd::dot(qh, kr);
-                            *sc = dot * scale;
-                            max = max.max(*sc);
+            let head_shape = (group, hd, scale);
+            if let ([t], &[len]) = (batch, read_len.as_slice()) {
+                // One token: each task widens one kv head's history into its thread's
+                // buffers and attends with it, in a single parallel step.
+                let failed = std::sync::Mutex::new(None);
+                pool::for_each_chunk_mut(&mut s.attn, group * hd, |g, out| {
+                    KV_SCRATCH.with(|buf| {
+                        let (k, v) = &mut *buf.borrow_mut();
+                        k.resize(len * hd, 0.0);
+                        v.resize(len * hd, 0.0);
+                        let (k, v) = (&mut k[..len * hd], &mut v[..len * hd]);
+                        match cache_ref.read_head((li, t.seq, len), (g * hd, hd), k, v) {
+                            Ok(()) => attend(head_shape, g, q, k, v, len, out),
+                            Err(e) => {
+                                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                f.get_or_insert(fwd_err(e));
+                            }
                         }
-                        let mut sum = 0f32;
-                        for sc in scores.iter_mut() {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                        let inv = 1.0 / sum;
-                        o.fill(0.0);
-                        for (p, &w) in scores.iter().enumerate() {
-                            let vr = &vh[p * hd..(p + 1) * hd];
-                            simd::axpy(o, w * inv, vr);
-                        }
-                    }
+                    })
                 });
+                if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    return Err(e);
+                }
+            } else {
+                // Widen each (sequence, kv head) history once; every token of that
+                // sequence then reads its prefix.
+                let histories: Vec<History> = (0..seqs.len() * c.n_head_kv)
+                    .into_par_iter()
+                    .map(|idx| {
+                        let (si, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
+                        let len = read_len[si];
+                        let mut k = vec![0f32; len * hd];
+                        let mut v = vec![0f32; len * hd];
+                        cache_ref
+                            .read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)
+                            .map(|()| (k, v))
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(fwd_err)?;
+                s.attn
+                    .par_chunks_mut(group * hd)
+                    .enumerate()
+                    .for_each(|(idx, out)| {
+                        let (ti, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
+                        let t = &batch[ti];
+                        let si = seq_slot.get(&t.seq).copied().unwrap_or(0);
+                        let (kh, vh) = &histories[si * c.n_head_kv + g];
+                        let qt = &q[ti * qd..(ti + 1) * qd];
+                        attend(head_shape, g, qt, kh, vh, t.pos + 1, out);
+                    });
+            }
 
             project(site, Proj::O, &layer.wo, &s.attn, n, &mut s.proj)?;
             for (x, p) in s.x.iter_mut().zip(&s.proj) {

@@ -42,6 +42,9 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
 
 pub(super) fn tokens_fn(w: GgmlType) -> Option<TokensFn> {
     Some(match w {
+        GgmlType::F32 => toks_f32,
+        GgmlType::F16 => toks_f16,
+        GgmlType::BF16 => toks_bf16,
         GgmlType::Q4_0 => toks_q4_0,
         GgmlType::Q5_0 => toks_q5_0,
         GgmlType::Q8_0 => toks_q8_0,
@@ -463,6 +466,128 @@ macro_rules! float_kernel {
 float_kernel!(k_f32, ld_f32);
 float_kernel!(k_f16, ld_f16);
 float_kernel!(k_bf16, ld_bf16);
+
+/// Rows per pass of the multi-token float kernels.
+const FR: usize = 3;
+
+/// The float kernel for R rows (1..=FR) x N tokens (1..=NT) at once: each weight
+/// vector is loaded (and widened, for F16/BF16) once for N tokens and each token's
+/// vector once for R rows, so a step issues R + N loads for R x N FMAs instead of
+/// two loads per FMA. Per (row, token) exactly the single-row kernel's operations in
+/// its order (two accumulators over alternate 16-lane steps, masked tail into the
+/// first, one reduction), so results are equal bit for bit. R x N x 2 accumulators
+/// (24 at 3 x 4) plus R weight vectors and one token vector fit in the 32 registers.
+macro_rules! float_tokens_kernel {
+    ($name:ident, $load:ident) => {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $name<const R: usize, const N: usize>(
+            w: [*const u8; FR],
+            n: usize,
+            xs: &[*const f32; NT],
+            res: &mut [[f32; NT]; FR],
+        ) {
+            let all: __mmask16 = 0xFFFF;
+            let mut acc0 = [[_mm512_setzero_ps(); N]; R];
+            let mut acc1 = [[_mm512_setzero_ps(); N]; R];
+            let mut i = 0;
+            while i + 32 <= n {
+                let wv: [__m512; R] = std::array::from_fn(|r| $load(w[r], i, all));
+                for t in 0..N {
+                    let xv = _mm512_loadu_ps(xs[t].add(i));
+                    for r in 0..R {
+                        acc0[r][t] = _mm512_fmadd_ps(wv[r], xv, acc0[r][t]);
+                    }
+                }
+                let wv: [__m512; R] = std::array::from_fn(|r| $load(w[r], i + 16, all));
+                for t in 0..N {
+                    let xv = _mm512_loadu_ps(xs[t].add(i + 16));
+                    for r in 0..R {
+                        acc1[r][t] = _mm512_fmadd_ps(wv[r], xv, acc1[r][t]);
+                    }
+                }
+                i += 32;
+            }
+            while i < n {
+                let m: __mmask16 = if n - i >= 16 {
+                    all
+                } else {
+                    (1u16 << (n - i)) - 1
+                };
+                let wv: [__m512; R] = std::array::from_fn(|r| $load(w[r], i, m));
+                for t in 0..N {
+                    let xv = _mm512_maskz_loadu_ps(m, xs[t].add(i));
+                    for r in 0..R {
+                        acc0[r][t] = _mm512_fmadd_ps(wv[r], xv, acc0[r][t]);
+                    }
+                }
+                i += 16;
+            }
+            for r in 0..R {
+                for t in 0..N {
+                    res[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t]));
+                }
+            }
+        }
+    };
+}
+
+float_tokens_kernel!(k_f32_rn, ld_f32);
+float_tokens_kernel!(k_f16_rn, ld_f16);
+float_tokens_kernel!(k_bf16_rn, ld_bf16);
+
+/// Multi-token driver for the float kernels: [`FR`] rows x [`NT`] tokens per pass
+/// (smaller for the last rows and tokens), storing token-major.
+macro_rules! toks_float {
+    ($name:ident, $t:expr, $k:ident) => {
+        fn $name(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+            let (rows, n) = check_tokens($t, w, rb, acts, out);
+            for (ti, tile) in acts.chunks(NT).enumerate() {
+                let xs: [*const f32; NT] =
+                    std::array::from_fn(|i| tile[i.min(tile.len() - 1)].f.as_ptr());
+                let mut r = 0;
+                while r < rows {
+                    let nr = (rows - r).min(FR);
+                    // rows past the last repeat it; the kernel reads only the first nr
+                    let rp: [*const u8; FR] =
+                        std::array::from_fn(|i| w[(r + i.min(nr - 1)) * rb..].as_ptr());
+                    let mut res = [[0f32; NT]; FR];
+                    // SAFETY: tokens_fn hands these kernels out only at Level::Avx512
+                    // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); every row
+                    // pointer starts a whole row of `w` (r + nr <= rows), every
+                    // activation holds at least `n` floats (checked above), and the
+                    // kernel reads only the first nr rows and tile.len() tokens.
+                    unsafe {
+                        match (nr, tile.len()) {
+                            (3, 4) => $k::<3, 4>(rp, n, &xs, &mut res),
+                            (3, 3) => $k::<3, 3>(rp, n, &xs, &mut res),
+                            (3, 2) => $k::<3, 2>(rp, n, &xs, &mut res),
+                            (3, _) => $k::<3, 1>(rp, n, &xs, &mut res),
+                            (2, 4) => $k::<2, 4>(rp, n, &xs, &mut res),
+                            (2, 3) => $k::<2, 3>(rp, n, &xs, &mut res),
+                            (2, 2) => $k::<2, 2>(rp, n, &xs, &mut res),
+                            (2, _) => $k::<2, 1>(rp, n, &xs, &mut res),
+                            (_, 4) => $k::<1, 4>(rp, n, &xs, &mut res),
+                            (_, 3) => $k::<1, 3>(rp, n, &xs, &mut res),
+                            (_, 2) => $k::<1, 2>(rp, n, &xs, &mut res),
+                            _ => $k::<1, 1>(rp, n, &xs, &mut res),
+                        }
+                    }
+                    for (dr, rr) in res[..nr].iter().enumerate() {
+                        for (i, v) in rr[..tile.len()].iter().enumerate() {
+                            out[(ti * NT + i) * rows + r + dr] = *v;
+                        }
+                    }
+                    r += nr;
+                }
+            }
+        }
+    };
+}
+
+toks_float!(toks_f32, GgmlType::F32, k_f32_rn);
+toks_float!(toks_f16, GgmlType::F16, k_f16_rn);
+toks_float!(toks_bf16, GgmlType::BF16, k_bf16_rn);
 
 // ---- Q4_0 ----------------------------------------------------------------------------
 

@@ -451,7 +451,8 @@ impl Model {
                     .map_err(fwd_err)?;
             }
 
-            // Widen each (sequence, kv head) history once; every token of that
+            // Widen each (sequence, kv head) history once, keys transposed to
+            // dimension-major for the scores (see simd.rs); every token of that
             // sequence then reads its prefix.
             let cache_ref = &*cache;
             let histories: Vec<(Vec<f32>, Vec<f32>)> = (0..seqs.len() * c.n_head_kv)
@@ -461,11 +462,16 @@ impl Model {
                     let len = read_len[si];
                     let mut k = vec![0f32; len * hd];
                     let mut v = vec![0f32; len * hd];
-                    cache_ref
-                        .read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)
-                        .map(|()| (k, v))
+                    cache_ref.read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)?;
+                    let mut kt = vec![0f32; len * hd];
+                    for (p, kr) in k.chunks_exact(hd).enumerate() {
+                        for (d, &x) in kr.iter().enumerate() {
+                            kt[d * len + p] = x;
+                        }
+                    }
+                    Ok((kt, v))
                 })
-                .collect::<Result<_, _>>()
+                .collect::<Result<_, crate::kv_cache::KvError>>()
                 .map_err(fwd_err)?;
 
             let q = &s.q;
@@ -476,30 +482,17 @@ impl Model {
                     let (ti, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
                     let t = &batch[ti];
                     let si = seq_slot.get(&t.seq).copied().unwrap_or(0);
-                    let (kh, vh) = &histories[si * c.n_head_kv + g];
+                    let (kt, vh) = &histories[si * c.n_head_kv + g];
+                    let stride = read_len[si];
                     let len = t.pos + 1;
                     let mut scores = vec![0f32; len];
                     for (j, o) in out.chunks_exact_mut(hd).enumerate() {
                         let head = g * group + j;
                         let qh = &q[ti * qd + head * hd..ti * qd + (head + 1) * hd];
-                        let mut max = f32::NEG_INFINITY;
-                        for (p, sc) in scores.iter_mut().enumerate() {
-                            let kr = &kh[p * hd..(p + 1) * hd];
-                            let dot = simd::dot(qh, kr);
-                            *sc = dot * scale;
-                            max = max.max(*sc);
-                        }
-                        let mut sum = 0f32;
-                        for sc in scores.iter_mut() {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                        let inv = 1.0 / sum;
-                        o.fill(0.0);
-                        for (p, &w) in scores.iter().enumerate() {
-                            let vr = &vh[p * hd..(p + 1) * hd];
-                            simd::axpy(o, w * inv, vr);
-                        }
+                        simd::scores_t(qh, kt, stride, scale, &mut scores);
+                        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        let sum = simd::exp_sub_sum(&mut scores, max);
+                        simd::weighted_sum(o, &scores, 1.0 / sum, vh);
                     }
                 });
 

@@ -285,6 +285,7 @@ fn bench_matmul_prefill(c: &mut Criterion) {
         GgmlType::F16,
         GgmlType::Q8_0,
         GgmlType::Q4_0,
+        GgmlType::Q5_0,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ] {

@@ -273,6 +273,44 @@ fn bench_matmul_tokens(c: &mut Criterion) {
     g.finish();
 }
 
+/// Prefill-sized products at smollm2-135m's layer shapes (q/o 576x576, gate/up
+/// 1536x576, down 576x1536) with 128 tokens on 2 threads, i.e. the multi-token
+/// kernels. Throughput counts multiply-adds (tokens x rows x cols).
+fn bench_matmul_prefill(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matmul_prefill");
+    let p = pool(2);
+    let n_tokens = 128;
+    for t in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        for (rows, cols) in [(576usize, 576usize), (1536, 576), (576, 1536)] {
+            if t.row_size(cols).is_err() {
+                continue;
+            }
+            let w = random_weights(t, rows, cols, 12);
+            let x = random_f32(n_tokens * cols, 13);
+            let mut y = vec![0f32; n_tokens * rows];
+            g.throughput(Throughput::Elements((n_tokens * rows * cols) as u64));
+            let id = BenchmarkId::new(format!("{t}/{rows}x{cols}/t2"), format!("n{n_tokens}"));
+            g.bench_function(id, |b| {
+                p.install(|| {
+                    b.iter(|| {
+                        kernels::matmul(t, &w, rows, cols, black_box(&x), n_tokens, &mut y)
+                            .expect("matmul")
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Per-call activation quantization (part of every matvec): one token of `cols`.
 fn bench_quantize_activations(c: &mut Criterion) {
     let mut g = c.benchmark_group("quantize_activations");
@@ -299,6 +337,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_matmul_tokens, bench_quantize_activations, bench_bandwidth, bench_matvec_streamed, bench_matvec, bench_levels, bench_act_format, bench_dequantize
+    targets = bench_matmul_prefill, bench_matmul_tokens, bench_quantize_activations, bench_bandwidth, bench_matvec_streamed, bench_matvec, bench_levels, bench_act_format, bench_dequantize
 }
 criterion_main!(benches);

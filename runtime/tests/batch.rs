@@ -131,3 +131,58 @@ fn bad_batches_are_errors_not_panics() {
         vec![0]
     );
 }
+
+/// A decode step run alone (the single-token path: kernels and attention on the
+/// thread team) gives bit for bit the logits the same step gives inside a batch
+/// (the multi-token kernels and rayon), so a server's output does not depend on
+/// which requests share a step.
+#[test]
+fn a_decode_step_alone_equals_it_in_a_batch_bit_for_bit() {
+    let models = conformance().join("models");
+    for file in [
+        "llama-gqa-F32.gguf",
+        "llama-gqa-Q8_0.gguf",
+        "llama-gqa-Q4_0.gguf",
+        "llama-gqa-Q4_K_M.gguf",
+        "qwen2-Q8_0.gguf",
+    ] {
+        let model = Model::load(&models.join(file), None).unwrap();
+        let c = &model.config;
+        let vocab = c.n_vocab as u32;
+        let (a, b) = (tokens(3, 9, vocab), tokens(4, 5, vocab));
+        let prefill = |cache: &mut KvCache, seq: u32, p: &[u32]| {
+            let batch: Vec<BatchToken> = p
+                .iter()
+                .enumerate()
+                .map(|(pos, &token)| BatchToken {
+                    token,
+                    pos,
+                    seq,
+                    logits: false,
+                })
+                .collect();
+            model.forward(&batch, cache).unwrap();
+        };
+        let step = |seq: u32, p: &[u32]| BatchToken {
+            token: 7 % vocab,
+            pos: p.len(),
+            seq,
+            logits: true,
+        };
+        let mut alone = KvCache::new(c.n_layer, c.kv_dim(), 16, 2, KvType::F16);
+        prefill(&mut alone, 0, &a);
+        let one = model.forward(&[step(0, &a)], &mut alone).unwrap();
+
+        let mut shared = KvCache::new(c.n_layer, c.kv_dim(), 16, 2, KvType::F16);
+        prefill(&mut shared, 0, &a);
+        prefill(&mut shared, 1, &b);
+        let two = model
+            .forward(&[step(1, &b), step(0, &a)], &mut shared)
+            .unwrap();
+        assert_eq!(
+            one.for_batch_index(0).unwrap(),
+            two.for_batch_index(1).unwrap(),
+            "{file}"
+        );
+    }
+}

@@ -42,6 +42,9 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
 
 pub(super) fn tokens_fn(w: GgmlType) -> Option<TokensFn> {
     Some(match w {
+        GgmlType::F32 => toks_f32,
+        GgmlType::F16 => toks_f16,
+        GgmlType::BF16 => toks_bf16,
         GgmlType::Q4_0 => toks_q4_0,
         GgmlType::Q5_0 => toks_q5_0,
         GgmlType::Q8_0 => toks_q8_0,
@@ -196,7 +199,7 @@ fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
 
 fn toks_q5_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
     let (rows, nb) = check_tokens(GgmlType::Q5_0, w, rb, acts, out);
-    tokens_driver!(w, rb, acts, out, rows, nb, k_q5_0_n, |tile| {
+    rows2_driver!(w, rb, acts, out, rows, nb, k_q5_0_rn, |tile| {
         let p: Q8Ptrs = (
             tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
@@ -463,6 +466,128 @@ macro_rules! float_kernel {
 float_kernel!(k_f32, ld_f32);
 float_kernel!(k_f16, ld_f16);
 float_kernel!(k_bf16, ld_bf16);
+
+/// Rows per pass of the multi-token float kernels.
+const FR: usize = 3;
+
+/// The float kernel for R rows (1..=FR) x N tokens (1..=NT) at once: each weight
+/// vector is loaded (and widened, for F16/BF16) once for N tokens and each token's
+/// vector once for R rows, so a step issues R + N loads for R x N FMAs instead of
+/// two loads per FMA. Per (row, token) exactly the single-row kernel's operations in
+/// its order (two accumulators over alternate 16-lane steps, masked tail into the
+/// first, one reduction), so results are equal bit for bit. R x N x 2 accumulators
+/// (24 at 3 x 4) plus R weight vectors and one token vector fit in the 32 registers.
+macro_rules! float_tokens_kernel {
+    ($name:ident, $load:ident) => {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $name<const R: usize, const N: usize>(
+            w: [*const u8; FR],
+            n: usize,
+            xs: &[*const f32; NT],
+            res: &mut [[f32; NT]; FR],
+        ) {
+            let all: __mmask16 = 0xFFFF;
+            let mut acc0 = [[_mm512_setzero_ps(); N]; R];
+            let mut acc1 = [[_mm512_setzero_ps(); N]; R];
+            let mut i = 0;
+            while i + 32 <= n {
+                let wv: [__m512; R] = std::array::from_fn(|r| $load(w[r], i, all));
+                for t in 0..N {
+                    let xv = _mm512_loadu_ps(xs[t].add(i));
+                    for r in 0..R {
+                        acc0[r][t] = _mm512_fmadd_ps(wv[r], xv, acc0[r][t]);
+                    }
+                }
+                let wv: [__m512; R] = std::array::from_fn(|r| $load(w[r], i + 16, all));
+                for t in 0..N {
+                    let xv = _mm512_loadu_ps(xs[t].add(i + 16));
+                    for r in 0..R {
+                        acc1[r][t] = _mm512_fmadd_ps(wv[r], xv, acc1[r][t]);
+                    }
+                }
+                i += 32;
+            }
+            while i < n {
+                let m: __mmask16 = if n - i >= 16 {
+                    all
+                } else {
+                    (1u16 << (n - i)) - 1
+                };
+                let wv: [__m512; R] = std::array::from_fn(|r| $load(w[r], i, m));
+                for t in 0..N {
+                    let xv = _mm512_maskz_loadu_ps(m, xs[t].add(i));
+                    for r in 0..R {
+                        acc0[r][t] = _mm512_fmadd_ps(wv[r], xv, acc0[r][t]);
+                    }
+                }
+                i += 16;
+            }
+            for r in 0..R {
+                for t in 0..N {
+                    res[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t]));
+                }
+            }
+        }
+    };
+}
+
+float_tokens_kernel!(k_f32_rn, ld_f32);
+float_tokens_kernel!(k_f16_rn, ld_f16);
+float_tokens_kernel!(k_bf16_rn, ld_bf16);
+
+/// Multi-token driver for the float kernels: [`FR`] rows x [`NT`] tokens per pass
+/// (smaller for the last rows and tokens), storing token-major.
+macro_rules! toks_float {
+    ($name:ident, $t:expr, $k:ident) => {
+        fn $name(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+            let (rows, n) = check_tokens($t, w, rb, acts, out);
+            for (ti, tile) in acts.chunks(NT).enumerate() {
+                let xs: [*const f32; NT] =
+                    std::array::from_fn(|i| tile[i.min(tile.len() - 1)].f.as_ptr());
+                let mut r = 0;
+                while r < rows {
+                    let nr = (rows - r).min(FR);
+                    // rows past the last repeat it; the kernel reads only the first nr
+                    let rp: [*const u8; FR] =
+                        std::array::from_fn(|i| w[(r + i.min(nr - 1)) * rb..].as_ptr());
+                    let mut res = [[0f32; NT]; FR];
+                    // SAFETY: tokens_fn hands these kernels out only at Level::Avx512
+                    // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); every row
+                    // pointer starts a whole row of `w` (r + nr <= rows), every
+                    // activation holds at least `n` floats (checked above), and the
+                    // kernel reads only the first nr rows and tile.len() tokens.
+                    unsafe {
+                        match (nr, tile.len()) {
+                            (3, 4) => $k::<3, 4>(rp, n, &xs, &mut res),
+                            (3, 3) => $k::<3, 3>(rp, n, &xs, &mut res),
+                            (3, 2) => $k::<3, 2>(rp, n, &xs, &mut res),
+                            (3, _) => $k::<3, 1>(rp, n, &xs, &mut res),
+                            (2, 4) => $k::<2, 4>(rp, n, &xs, &mut res),
+                            (2, 3) => $k::<2, 3>(rp, n, &xs, &mut res),
+                            (2, 2) => $k::<2, 2>(rp, n, &xs, &mut res),
+                            (2, _) => $k::<2, 1>(rp, n, &xs, &mut res),
+                            (_, 4) => $k::<1, 4>(rp, n, &xs, &mut res),
+                            (_, 3) => $k::<1, 3>(rp, n, &xs, &mut res),
+                            (_, 2) => $k::<1, 2>(rp, n, &xs, &mut res),
+                            _ => $k::<1, 1>(rp, n, &xs, &mut res),
+                        }
+                    }
+                    for (dr, rr) in res[..nr].iter().enumerate() {
+                        for (i, v) in rr[..tile.len()].iter().enumerate() {
+                            out[(ti * NT + i) * rows + r + dr] = *v;
+                        }
+                    }
+                    r += nr;
+                }
+            }
+        }
+    };
+}
+
+toks_float!(toks_f32, GgmlType::F32, k_f32_rn);
+toks_float!(toks_f16, GgmlType::F16, k_f16_rn);
+toks_float!(toks_bf16, GgmlType::BF16, k_bf16_rn);
 
 // ---- Q4_0 ----------------------------------------------------------------------------
 
@@ -740,36 +865,91 @@ unsafe fn k_q4_0_rn<const R: usize, const N: usize>(
     }
 }
 
-/// The AVX2 level's `k_q5_0` (Q5_0 has no AVX-512 row kernel) for N tokens at
-/// once: each block's 5-bit values are assembled once and dotted with every token;
-/// per token exactly that kernel's operations in its order (same results).
+/// The AVX2 level's `k_q5_0` (Q5_0 has no AVX-512 row kernel) for R rows (1 or 2) x
+/// N tokens, two blocks per 512-bit register: the low half holds block 2s, which
+/// that kernel accumulates in its even-block register, the high half block 2s + 1
+/// (its odd-block register), so one zmm accumulator is exactly that kernel's pair.
+/// Each block's 5-bit values are assembled once per row; per token the -16 * sum(y)
+/// term and the scales are shared by the rows. `vpdpbusd` sums the same 4 products
+/// per lane as `vpmaddubsw` + `vpmaddwd` there (no saturation: |q y| <= 31 * 128), the
+/// scale product and FMA are the same lane-wise, so results are equal bit for bit.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q5_0_n<const N: usize>(w: *const u8, nb: usize, pt: &Q8Ptrs, res: &mut [f32; NT]) {
-    let ones = _mm256_set1_epi16(1);
-    let off = _mm256_set1_epi8(16);
+unsafe fn k_q5_0_rn<const R: usize, const N: usize>(
+    w: [*const u8; 2],
+    nb: usize,
+    pt: &Q8Ptrs,
+    res: &mut [[f32; NT]; 2],
+) {
     let b4 = _mm256_set1_epi8(0x10);
+    let off = _mm512_set1_epi8(16);
+    let zero = _mm512_setzero_si512();
     let ys: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
     let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
-    let mut accs = [[_mm256_setzero_ps(); 2]; N];
-    for b in 0..nb {
-        let blk = w.add(22 * b);
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    // the 5-bit values of block b of row r (32 bytes)
+    let quants = |r: usize, b: usize| {
+        let blk = w[r].add(22 * b);
         let qh = (blk.add(2) as *const u32).read_unaligned();
-        let q = _mm256_or_si256(
+        _mm256_or_si256(
             nibbles(blk.add(6)),
             _mm256_and_si256(bytes_from_bits(qh), b4),
-        );
-        let dw = f16_at(blk);
+        )
+    };
+    // [x ; 8 lanes | y ; 8 lanes]
+    let halves = |x: f32, y: f32| {
+        // (64-bit-lane insert: the 32-bit-lane one needs AVX-512 DQ)
+        let lo = _mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(x)));
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            lo,
+            _mm256_castps_pd(_mm256_set1_ps(y)),
+        ))
+    };
+    let pairs = nb / 2;
+    for s in 0..pairs {
+        let b = 2 * s;
+        let mut q = [zero; R];
+        let mut dw = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            q[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(quants(r, b)), quants(r, b + 1));
+            dw[r] = halves(f16_at(w[r].add(22 * b)), f16_at(w[r].add(22 * b + 22)));
+        }
         for t in 0..N {
-            let y = _mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i);
-            let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), _mm256_maddubs_epi16(off, y));
-            let p = _mm256_madd_epi16(p16, ones);
-            let d = _mm256_set1_ps(dw * *ds[t].add(b));
-            accs[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, accs[t][b & 1]);
+            let y = _mm512_loadu_si512(ys[t].add(QK * b) as *const _);
+            let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, y));
+            let dy = halves(*ds[t].add(b), *ds[t].add(b + 1));
+            for r in 0..R {
+                let p = _mm512_dpbusd_epi32(neg, q[r], y);
+                let d = _mm512_mul_ps(dw[r], dy);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[r][t]);
+            }
         }
     }
-    for t in 0..N {
-        res[t] = hsum_ps(_mm256_add_ps(accs[t][0], accs[t][1]));
+    if nb % 2 == 1 {
+        // the last block is even: low half only
+        let b = nb - 1;
+        let low: __mmask16 = 0x00FF;
+        for r in 0..R {
+            let q = _mm512_castsi256_si512(quants(r, b));
+            let dw = _mm512_set1_ps(f16_at(w[r].add(22 * b)));
+            for t in 0..N {
+                let y =
+                    _mm512_castsi256_si512(_mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i));
+                let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, y));
+                let p = _mm512_dpbusd_epi32(neg, q, y);
+                let d = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
+                acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[r][t], low);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..N {
+            let a = acc[r][t];
+            res[r][t] = hsum_ps(_mm256_add_ps(
+                _mm512_castps512_ps256(a),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
+            ));
+        }
     }
 }
 

@@ -43,10 +43,12 @@
 //!
 //! ## Several tokens (prefill)
 //! `matmul` with n_tokens > 1 dots each L2-sized chunk of rows with every token.
-//! Where a level has a multi-token kernel ([`TokensFn`]; AVX-512: Q4_0, Q5_0, Q8_0,
-//! Q4_K, Q5_K, Q6_K) each decoded weight block is reused for up to 4 tokens (Q8_0: 2 rows
-//! x 4 tokens) instead of being decoded again per token; per (row, token) it runs
-//! the single-token kernel's operations in the same order, so results are identical.
+//! Where a level has a multi-token kernel ([`TokensFn`]; AVX-512: F32, F16, BF16, Q4_0,
+//! Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) each decoded weight block is reused for up to 4 tokens
+//! (Q4_0/Q5_0/Q8_0: 2 rows x 4 tokens; floats: 3 rows x 4 tokens, which turns two loads
+//! per FMA into 7 per 12) instead of being decoded again per token; per (row, token)
+//! it runs the single-token kernel's operations in the same order, so results are
+//! identical.
 
 use std::sync::OnceLock;
 

@@ -158,7 +158,8 @@ fn fork(n: usize) -> bool {
     n <= JOIN_MAX_TOKENS && !(n == 1 && pool::prefers_team())
 }
 
-/// One (sequence, kv head)'s keys and values, widened to f32.
+/// One (sequence, kv head)'s keys (transposed, see [`transpose_keys`]) and values,
+/// widened to f32.
 type History = (Vec<f32>, Vec<f32>);
 
 type Target<'w, 'y> = (Proj, &'w Weight, &'y mut Vec<f32>);
@@ -265,19 +266,21 @@ fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
 }
 
 thread_local! {
-    /// One kv head's widened keys and values, reused across layers and steps by the
+    /// One kv head's widened keys, values and transposed keys, reused across layers and steps by the
     /// thread that attends for a single token (no allocation or zeroing per layer).
-    static KV_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+    static KV_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> = Default::default();
 }
 
 /// Causal attention of one token's query heads of kv group `g` (`group` heads of
-/// `hd`, query row `qt` of all heads) over the first `len` keys/values `kh`/`vh`
-/// (`hd` each), written to `out` (`group * hd`).
+/// `hd`, query row `qt` of all heads) over the first `len` keys/values: keys `kt`
+/// dimension-major with rows `stride` apart (see [`simd::scores_t`]), values `vh`
+/// position-major; written to `out` (`group * hd`). Decode and prefill both attend
+/// here, so a sequence's rounding does not depend on the batch around it.
 fn attend(
     (group, hd, scale): (usize, usize, f32),
     g: usize,
     qt: &[f32],
-    kh: &[f32],
+    (kt, stride): (&[f32], usize),
     vh: &[f32],
     len: usize,
     out: &mut [f32],
@@ -286,23 +289,19 @@ fn attend(
     for (j, o) in out.chunks_exact_mut(hd).enumerate() {
         let head = g * group + j;
         let qh = &qt[head * hd..(head + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (p, sc) in scores.iter_mut().enumerate() {
-            let kr = &kh[p * hd..(p + 1) * hd];
-            let dot = simd::dot(qh, kr);
-            *sc = dot * scale;
-            max = max.max(*sc);
-        }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        let inv = 1.0 / sum;
-        o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            let vr = &vh[p * hd..(p + 1) * hd];
-            simd::axpy(o, w * inv, vr);
+        simd::scores_t(qh, kt, stride, scale, &mut scores);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let sum = simd::exp_sub_sum(&mut scores, max);
+        simd::weighted_sum(o, &scores, 1.0 / sum, vh);
+    }
+}
+
+/// Keys position-major (`len` rows of `hd`) to dimension-major (`hd` rows of `len`).
+fn transpose_keys(k: &[f32], hd: usize, kt: &mut [f32]) {
+    let len = k.len() / hd.max(1);
+    for (p, kr) in k.chunks_exact(hd).enumerate() {
+        for (d, &x) in kr.iter().enumerate() {
+            kt[d * len + p] = x;
         }
     }
 }
@@ -514,12 +513,16 @@ impl Model {
                 let failed = std::sync::Mutex::new(None);
                 pool::for_each_chunk_mut(&mut s.attn, group * hd, |g, out| {
                     KV_SCRATCH.with(|buf| {
-                        let (k, v) = &mut *buf.borrow_mut();
-                        k.resize(len * hd, 0.0);
-                        v.resize(len * hd, 0.0);
+                        let (k, v, kt) = &mut *buf.borrow_mut();
+                        for b in [&mut *k, &mut *v, &mut *kt] {
+                            b.resize(len * hd, 0.0);
+                        }
                         let (k, v) = (&mut k[..len * hd], &mut v[..len * hd]);
                         match cache_ref.read_head((li, t.seq, len), (g * hd, hd), k, v) {
-                            Ok(()) => attend(head_shape, g, q, k, v, len, out),
+                            Ok(()) => {
+                                transpose_keys(k, hd, &mut kt[..len * hd]);
+                                attend(head_shape, g, q, (kt, len), v, len, out)
+                            }
                             Err(e) => {
                                 let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                                 f.get_or_insert(fwd_err(e));
@@ -531,8 +534,8 @@ impl Model {
                     return Err(e);
                 }
             } else {
-                // Widen each (sequence, kv head) history once; every token of that
-                // sequence then reads its prefix.
+                // Widen each (sequence, kv head) history once, keys transposed; every
+                // token of that sequence then reads its prefix.
                 let histories: Vec<History> = (0..seqs.len() * c.n_head_kv)
                     .into_par_iter()
                     .map(|idx| {
@@ -540,11 +543,12 @@ impl Model {
                         let len = read_len[si];
                         let mut k = vec![0f32; len * hd];
                         let mut v = vec![0f32; len * hd];
-                        cache_ref
-                            .read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)
-                            .map(|()| (k, v))
+                        cache_ref.read_head((li, seqs[si], len), (g * hd, hd), &mut k, &mut v)?;
+                        let mut kt = vec![0f32; len * hd];
+                        transpose_keys(&k, hd, &mut kt);
+                        Ok((kt, v))
                     })
-                    .collect::<Result<_, _>>()
+                    .collect::<Result<_, crate::kv_cache::KvError>>()
                     .map_err(fwd_err)?;
                 s.attn
                     .par_chunks_mut(group * hd)
@@ -553,9 +557,9 @@ impl Model {
                         let (ti, g) = (idx / c.n_head_kv, idx % c.n_head_kv);
                         let t = &batch[ti];
                         let si = seq_slot.get(&t.seq).copied().unwrap_or(0);
-                        let (kh, vh) = &histories[si * c.n_head_kv + g];
+                        let (kt, vh) = &histories[si * c.n_head_kv + g];
                         let qt = &q[ti * qd..(ti + 1) * qd];
-                        attend(head_shape, g, qt, kh, vh, t.pos + 1, out);
+                        attend(head_shape, g, qt, (kt, read_len[si]), vh, t.pos + 1, out);
                     });
             }
 

@@ -247,12 +247,14 @@ pub struct Activations {
     /// Q8_0: per 32-block sum of the quants (offset corrections for Q4_0/Q5_0).
     pub(crate) sum: Vec<i32>,
     /// Activation-side terms prepared once per call for one weight type's kernel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) prep: Prep,
 }
 
 /// Activation-side terms a kernel would otherwise recompute for every weight row
 /// (layouts are the kernel's business; see avx512.rs).
 #[derive(Clone, Debug, Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Prep {
     /// The weight type these were prepared for.
     pub(crate) for_ty: Option<GgmlType>,
@@ -288,6 +290,7 @@ impl AlignedI8 {
     pub(crate) fn as_ptr(&self) -> *const i8 {
         self.lines.as_ptr() as *const i8
     }
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn as_mut_ptr(&mut self) -> *mut i8 {
         self.lines.as_mut_ptr() as *mut i8
     }
@@ -425,6 +428,7 @@ pub fn quantize_activations_with(
         let _ = lvl;
         false
     };
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut act = match at {
         #[cfg(target_arch = "x86_64")]
         GgmlType::Q8_0 | GgmlType::Q8_1 if simd => avx2::activations_q8(x, at == GgmlType::Q8_1),

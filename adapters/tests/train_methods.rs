@@ -230,6 +230,51 @@ fn checkpoints_resume_exactly_and_loss_falls() {
 }
 
 #[test]
+fn bad_checkpoints_are_refused_and_change_nothing() {
+    let m = model("llama-gqa-Q4_0.gguf");
+    let (ex, _) = task_examples(&m, 16);
+    let c = &m.config;
+    let lora = || Method::Lora(Lora::new(c, targets_for(c, &Proj::ALL), 4, 8.0, false).unwrap());
+    let mut a = Trainer::new(&m, lora(), config(4)).unwrap();
+    a.train_step(&ex).unwrap();
+    let dir = common::temp_dir("bad-ckpt");
+    let ck = dir.join("ck.safetensors");
+    a.save_checkpoint(&ck).unwrap();
+    let good = std::fs::read(&ck).unwrap();
+    let fresh = Trainer::new(&m, lora(), config(4)).unwrap();
+    let check = |bytes: &[u8], want: &str| {
+        let mut t = Trainer::new(&m, lora(), config(4)).unwrap();
+        let e = t
+            .load_checkpoint_bytes(bytes, "ck.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ck.safetensors") && e.contains(want),
+            "{want}: {e}"
+        );
+        assert_eq!((t.step, &t.params, &t.opt), (0, &fresh.params, &fresh.opt));
+    };
+    for cut in [0, 7, 8, 100, good.len() / 2, good.len() - 1] {
+        check(&good[..cut], "safetensors");
+    }
+    // A NaN in the parameters, a negative second moment.
+    let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+    for (name, at, value, want) in [
+        ("params", 3usize, f32::NAN, "params[3] is NaN"),
+        ("adam_v", 0, -1.0, "adam_v[0] is -1"),
+    ] {
+        let view = st.tensor(name).unwrap();
+        let offset = view.data().as_ptr() as usize - good.as_ptr() as usize + 4 * at;
+        let mut bad = good.clone();
+        bad[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        check(&bad, want);
+    }
+    let mut ok = Trainer::new(&m, lora(), config(4)).unwrap();
+    ok.load_checkpoint_bytes(&good, "ck.safetensors").unwrap();
+    assert_eq!((ok.step, &ok.params), (1, &a.params));
+}
+
+#[test]
 fn sara_resumes_exactly_across_its_progressive_step() {
     let m = model("llama-gqa-Q4_0.gguf");
     let (ex, _) = task_examples(&m, 40);

@@ -260,12 +260,18 @@ impl<'m> Trainer<'m> {
     /// the same method and model; training then continues exactly where it stopped.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<(), TrainError> {
         let name = path.display().to_string();
-        let bad = |what: String| TrainError::Data(format!("{name}: {what}"));
         let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
             file: name.clone(),
             source,
         })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        self.load_checkpoint_bytes(&bytes, &name)
+    }
+
+    /// [`load_checkpoint`](Self::load_checkpoint) from the file's bytes (`name` stands
+    /// for the file in errors). On any error the trainer is unchanged.
+    pub fn load_checkpoint_bytes(&mut self, bytes: &[u8], name: &str) -> Result<(), TrainError> {
+        let bad = |what: String| TrainError::Data(format!("{name}: {what}"));
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |k: &str| {
@@ -289,7 +295,7 @@ impl<'m> Trainer<'m> {
         let adam_t: u64 = field("adam_t")?
             .parse()
             .map_err(|_| bad("adam_t is not a number".into()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
+        let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let read_n = |k: &str, n: usize| -> Result<Vec<f32>, TrainError> {
             let t = st
@@ -302,10 +308,21 @@ impl<'m> Trainer<'m> {
                     t.shape()
                 )));
             }
-            Ok(t.data()
+            let v: Vec<f32> = t
+                .data()
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
+                .collect();
+            // Adam's second moments are squares; nothing here may be NaN or infinite.
+            let ok = |x: &f32| x.is_finite() && (k != "adam_v" || *x >= 0.0);
+            if let Some(i) = v.iter().position(|x| !ok(x)) {
+                return Err(bad(format!(
+                    "tensor {k}[{i}] is {}, expected a finite value{}",
+                    v[i],
+                    if k == "adam_v" { " >= 0" } else { "" }
+                )));
+            }
+            Ok(v)
         };
         // A SaRA run past its progressive step: redo that step from the saved
         // parameters, which rebuilds the mask the checkpointed parameters live on.

@@ -1,19 +1,22 @@
 //! x86_64 AVX-512 (F/BW/VL) + VNNI kernels: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K and the float
 //! types. Other types run their AVX2 kernel at this level.
 //!
-//! Q4_0/Q8_0 take 4 blocks per step: every field of these blocks starts at an even
-//! byte (blocks are 18 and 34 bytes), so one word permute (`vpermt2w`) gathers the
-//! 4 blocks' quants from two or three 64-byte loads and another gathers their 4 f16
-//! scales, already replicated across the lanes they scale. Unsigned x signed
-//! products use `vpdpbusd`; the offsets (Q4_0's 8, Q8_0's +128 bias that makes its
-//! weights unsigned) are subtracted through per-lane activation sums computed in
-//! registers. Rows are dotted one at a time (one DRAM stream per thread; see avx2.rs),
-//! except by the multi-token kernels (`tokens_fn`), which read L2-resident chunks.
-//! Only Q4_0's nibble-ordered activations are prepared once per call ([`prepare`]):
-//! extra per-call arrays (precomputed corrections, replicated scales) were measured to
-//! halve the streamed rate, presumably by competing with the weight stream in L1 and
-//! in the prefetchers. k-quants apply their sub-block scales with `vpackssdw` +
-//! `vpdpwssd` instead of AVX2's shuffle + `vpmaddwd` per 16 values.
+//! Q4_0/Q8_0 take 4 blocks (a group) per step: every field of these blocks starts at
+//! an even byte (blocks are 18 and 34 bytes), so word permutes (`vpermt2w`) gather
+//! the group's values 0..16 of each block into one register and values 16..32 into
+//! another, and its 4 f16 scales already replicated across the lanes they scale. The
+//! activations are reordered the same way once per call ([`prepare`]), so a (row,
+//! token) pair costs two `vpdpbusd`, one conversion and one scale FMA per 128 values.
+//! Unsigned x signed products: the offsets (Q4_0's 8, Q8_0's +128 bias that makes
+//! its weights unsigned) are subtracted through per-lane activation sums computed in
+//! registers. A last partial group is read with masked loads. Rows are dotted one at
+//! a time (one DRAM stream per thread; see avx2.rs), except by the multi-token
+//! kernels (`tokens_fn`), which read L2-resident chunks in tiles of 3 rows x 4 tokens
+//! and reduce all 12 sums together ([`hsums`]). Extra per-call arrays (precomputed
+//! corrections, replicated scales) were measured to halve the streamed rate,
+//! presumably by competing with the weight stream in L1 and in the prefetchers.
+//! k-quants apply their sub-block scales with `vpackssdw` + `vpdpwssd` instead of
+//! AVX2's shuffle + `vpmaddwd` per 16 values.
 
 // Block formats index several tables with one position; explicit indices read better.
 #![allow(clippy::needless_range_loop)]
@@ -116,45 +119,49 @@ macro_rules! tokens_driver {
     }};
 }
 
-/// Pointers a multi-token Q8_0 kernel reads per token: quants, f32 scales.
-type Q8Ptrs = ([*const u8; NT], [*const u8; NT]);
-/// Q4_0 adds the nibble-ordered prepared quants.
-type Q4Ptrs = ([*const u8; NT], [*const u8; NT], [*const u8; NT]);
+/// Rows per pass of the multi-token kernels at most (the length of their row
+/// pointer and result arrays).
+const TR: usize = 3;
 
-/// [`tokens_driver!`] for kernels taking 2 rows x N tokens per pass (`k::<R, N>`,
-/// R = 2 or 1 for an odd last row).
-macro_rules! rows2_driver {
-    ($w:expr, $rb:expr, $acts:expr, $out:expr, $rows:expr, $nb:expr, $k:ident, |$tile:ident| $ptrs:expr) => {{
-        let (w, rb, rows, nb) = ($w, $rb, $rows, $nb);
+/// Runs a kernel taking R rows x N tokens per pass (`k::<R, N>(rows, len, &ptrs,
+/// &mut res)`, R <= `rmax` <= [`TR`], N <= [`NT`]) over every tile, storing
+/// token-major. Row pointers past the tile's last row repeat it; the kernel reads
+/// only the first R rows and N tokens.
+macro_rules! tile_driver {
+    ($w:expr, $rb:expr, $acts:expr, $out:expr, $rows:expr, $len:expr, $rmax:expr, $k:ident, |$tile:ident| $ptrs:expr) => {{
+        let (w, rb, rows, len): (&[u8], usize, usize, usize) = ($w, $rb, $rows, $len);
         for (ti, $tile) in $acts.chunks(NT).enumerate() {
             let pt = $ptrs;
-            let tile = $tile;
+            let nt = $tile.len();
             let mut r = 0;
             while r < rows {
-                let nr = (rows - r).min(2);
-                let p0 = w[r * rb..].as_ptr();
-                // with one row left both pointers name it; the R = 1 kernel reads only the first
-                let rp = [p0, w[(r + nr - 1) * rb..].as_ptr()];
-                let mut res = [[0f32; NT]; 2];
+                let nr = (rows - r).min($rmax);
+                let rp: [*const u8; TR] =
+                    std::array::from_fn(|i| w[(r + i.min(nr - 1)) * rb..].as_ptr());
+                let mut res = [[0f32; NT]; TR];
                 // SAFETY: tokens_fn hands these kernels out only at Level::Avx512
-                // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); both row pointers
-                // start whole rows of `w` (r + nr <= rows) and every activation was
-                // checked against the row size above; the kernel reads only the first
-                // N tokens.
+                // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); every row
+                // pointer starts a whole row of `w` (r + nr <= rows), every activation
+                // was checked against the row size above, and the kernel reads only
+                // the first nr rows and nt tokens.
                 unsafe {
-                    match (nr, tile.len()) {
-                        (2, 4) => $k::<2, 4>(rp, nb, &pt, &mut res),
-                        (2, 3) => $k::<2, 3>(rp, nb, &pt, &mut res),
-                        (2, 2) => $k::<2, 2>(rp, nb, &pt, &mut res),
-                        (2, _) => $k::<2, 1>(rp, nb, &pt, &mut res),
-                        (_, 4) => $k::<1, 4>(rp, nb, &pt, &mut res),
-                        (_, 3) => $k::<1, 3>(rp, nb, &pt, &mut res),
-                        (_, 2) => $k::<1, 2>(rp, nb, &pt, &mut res),
-                        _ => $k::<1, 1>(rp, nb, &pt, &mut res),
+                    match (nr, nt) {
+                        (3, 4) => $k::<3, 4>(rp, len, &pt, &mut res),
+                        (3, 3) => $k::<3, 3>(rp, len, &pt, &mut res),
+                        (3, 2) => $k::<3, 2>(rp, len, &pt, &mut res),
+                        (3, _) => $k::<3, 1>(rp, len, &pt, &mut res),
+                        (2, 4) => $k::<2, 4>(rp, len, &pt, &mut res),
+                        (2, 3) => $k::<2, 3>(rp, len, &pt, &mut res),
+                        (2, 2) => $k::<2, 2>(rp, len, &pt, &mut res),
+                        (2, _) => $k::<2, 1>(rp, len, &pt, &mut res),
+                        (_, 4) => $k::<1, 4>(rp, len, &pt, &mut res),
+                        (_, 3) => $k::<1, 3>(rp, len, &pt, &mut res),
+                        (_, 2) => $k::<1, 2>(rp, len, &pt, &mut res),
+                        _ => $k::<1, 1>(rp, len, &pt, &mut res),
                     }
                 }
                 for (dr, rr) in res[..nr].iter().enumerate() {
-                    for (i, v) in rr[..tile.len()].iter().enumerate() {
+                    for (i, v) in rr[..nt].iter().enumerate() {
                         $out[(ti * NT + i) * rows + r + dr] = *v;
                     }
                 }
@@ -164,42 +171,46 @@ macro_rules! rows2_driver {
     }};
 }
 
-fn toks_q8_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
-    let (rows, nb) = check_tokens(GgmlType::Q8_0, w, rb, acts, out);
-    rows2_driver!(w, rb, acts, out, rows, nb, k_q8_0_rn, |tile| {
-        let p: Q8Ptrs = (
-            tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
-            tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
-        );
-        p
-    });
-}
+/// Pointers a multi-token Q8_0 kernel reads per token: quants, f32 scales.
+type Q8Ptrs = ([*const u8; NT], [*const u8; NT]);
+/// Q4_0 adds the nibble-ordered prepared quants.
+type Q4Ptrs = ([*const u8; NT], [*const u8; NT], [*const u8; NT]);
 
-fn toks_q4_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
-    let (rows, nb) = check_tokens(GgmlType::Q4_0, w, rb, acts, out);
-    let prepared = acts
-        .iter()
-        .all(|a| a.prep.for_ty == Some(GgmlType::Q4_0) && a.prep.y.len() >= nb / 4 * 4 * QK);
-    if !prepared {
-        // activations built by hand: one token at a time (prepares its own terms)
-        for (a, o) in acts.iter().zip(out.chunks_mut(rows)) {
-            rows_q4_0(w, rb, a, o);
+/// Rows per tile of the Q5_0 kernel (at 3 it would spill).
+const Q5_ROWS: usize = 2;
+
+/// Q4_0 and Q8_0 (same prepared activations, same kernel shape).
+macro_rules! toks_prepared {
+    ($name:ident, $t:expr, $k:ident, $rows:ident) => {
+        fn $name(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
+            let (rows, nb) = check_tokens($t, w, rb, acts, out);
+            let prepared = acts
+                .iter()
+                .all(|a| a.prep.for_ty == Some($t) && a.prep.y.len() >= nb.div_ceil(4) * 4 * QK);
+            if !prepared {
+                // activations built by hand: one token at a time (prepares its own terms)
+                for (a, o) in acts.iter().zip(out.chunks_mut(rows)) {
+                    $rows(w, rb, a, o);
+                }
+                return;
+            }
+            tile_driver!(w, rb, acts, out, rows, nb, TR, $k, |tile| {
+                let p: Q4Ptrs = (
+                    tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
+                    tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
+                    tile_ptrs(tile, |a| a.prep.y.as_ptr() as *const u8),
+                );
+                p
+            });
         }
-        return;
-    }
-    rows2_driver!(w, rb, acts, out, rows, nb, k_q4_0_rn, |tile| {
-        let p: Q4Ptrs = (
-            tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
-            tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
-            tile_ptrs(tile, |a| a.prep.y.as_ptr() as *const u8),
-        );
-        p
-    });
+    };
 }
+toks_prepared!(toks_q4_0, GgmlType::Q4_0, k_q4_0_rn, rows_q4_0);
+toks_prepared!(toks_q8_0, GgmlType::Q8_0, k_q8_0_rn, rows_q8_0);
 
 fn toks_q5_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
     let (rows, nb) = check_tokens(GgmlType::Q5_0, w, rb, acts, out);
-    rows2_driver!(w, rb, acts, out, rows, nb, k_q5_0_rn, |tile| {
+    tile_driver!(w, rb, acts, out, rows, nb, Q5_ROWS, k_q5_0_rn, |tile| {
         let p: Q8Ptrs = (
             tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
             tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
@@ -259,25 +270,30 @@ pub(super) fn prepare(t: GgmlType, a: &mut Activations) {
 }
 
 fn prepare_into(t: GgmlType, a: &Activations, p: &mut Prep) {
-    let groups = a.qs.len() / (4 * QK);
-    if t != GgmlType::Q4_0 {
+    if t != GgmlType::Q4_0 && t != GgmlType::Q8_0 {
         return;
     }
+    // a last partial group is padded with zeros (the kernels read whole groups)
+    let groups = a.qs.len().div_ceil(4 * QK);
     p.for_ty = Some(t);
     p.y = AlignedI8::zeroed(groups * 4 * QK);
     // SAFETY: only reachable from this module's kernels or from quantize_activations
     // at a detected Level::Avx512; the buffer was sized for `groups` just above.
-    unsafe { prepare_q4_0(a, p, groups) }
+    unsafe { prepare_nibble_order(a, p, groups) }
 }
 
-/// Q4_0's activations reordered per 4 blocks to the nibbles' order: values 0..16 of
-/// the 4 blocks, then values 16..32 (same size as the quants they replace, so the
-/// row loop still reads one activation array besides the scales).
+/// Activations reordered per 4 blocks to the order of Q4_0's nibbles (and of the
+/// Q8_0 kernel's gathers): values 0..16 of the 4 blocks, then values 16..32; the
+/// same size as the quants they replace, so the row loop still reads one
+/// activation array besides the scales.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn prepare_q4_0(a: &Activations, p: &mut Prep, groups: usize) {
+unsafe fn prepare_nibble_order(a: &Activations, p: &mut Prep, groups: usize) {
+    let n = a.qs.len();
     for g in 0..groups {
-        let y0 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g) as *const _);
-        let y1 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g + 64) as *const _);
+        let q = a.qs.as_ptr().wrapping_add(128 * g);
+        let left = n - 128 * g;
+        let y0 = _mm512_maskz_loadu_epi8(first_bytes(left), q);
+        let y1 = _mm512_maskz_loadu_epi8(first_bytes(left.saturating_sub(64)), q.wrapping_add(64));
         let ylo = _mm512_permutex2var_epi64(y0, ld_q8(&Y_LO), y1);
         let yhi = _mm512_permutex2var_epi64(y0, ld_q8(&Y_HI), y1);
         _mm512_storeu_si512(p.y.as_mut_ptr().add(128 * g) as *mut _, ylo);
@@ -291,7 +307,7 @@ macro_rules! rows {
             let nb = check($t, w, rb, a, out);
             let mut local = None;
             let p = prep_for($t, a, &mut local);
-            assert!(p.y.len() >= nb / 4 * 4 * QK);
+            assert!(p.y.len() >= nb.div_ceil(4) * 4 * QK);
             for (o, row) in out.iter_mut().zip(w.chunks_exact(rb)) {
                 // SAFETY: rows_fn hands this kernel out only at Level::Avx512, which
                 // requires runtime detection of avx512f/bw/vl/vnni (and the AVX2 set);
@@ -315,7 +331,7 @@ rows!(rows_f32, GgmlType::F32, k_f32);
 rows!(rows_f16, GgmlType::F16, k_f16);
 rows!(rows_bf16, GgmlType::BF16, k_bf16);
 rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, prep);
-rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0);
+rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, prep);
 rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
 rows!(rows_q5_k, GgmlType::Q5_K, k_q5_k);
 rows!(rows_q6_k, GgmlType::Q6_K, k_q6_k);
@@ -362,12 +378,11 @@ const fn spread(per: u32, first: u32) -> [u32; 16] {
 
 static Q4_0_QS: [u16; 32] = gather_qs(9, 8, 0, 0);
 static Q4_0_D: [u16; 32] = gather_d(9, 4);
-static Q8_0_QS01: [u16; 32] = gather_qs(17, 16, 0, 0);
-static Q8_0_QS23: [u16; 32] = gather_qs(17, 16, 2, 32);
-static Q8_0_D: [u16; 32] = gather_d(17, 8);
+static Q8_0_LO: [u16; 32] = gather_qs(17, 8, 0, 0);
+/// (from a window starting at byte 18 of the group: word 17j = block j's value 16)
+static Q8_0_HI: [u16; 32] = gather_qs(17, 8, 0, 1);
+static Q8_0_D: [u16; 32] = gather_d(17, 4);
 static BY4: [u32; 16] = spread(4, 0);
-static BY8_01: [u32; 16] = spread(8, 0);
-static BY8_23: [u32; 16] = spread(8, 2);
 /// Q4_0 activation halves of 4 blocks: values 0..16 of each block, then 16..32.
 static Y_LO: [u64; 8] = [0, 1, 4, 5, 8, 9, 12, 13];
 static Y_HI: [u64; 8] = [2, 3, 6, 7, 10, 11, 14, 15];
@@ -467,10 +482,7 @@ float_kernel!(k_f32, ld_f32);
 float_kernel!(k_f16, ld_f16);
 float_kernel!(k_bf16, ld_bf16);
 
-/// Rows per pass of the multi-token float kernels.
-const FR: usize = 3;
-
-/// The float kernel for R rows (1..=FR) x N tokens (1..=NT) at once: each weight
+/// The float kernel for R rows (1..=TR) x N tokens (1..=NT) at once: each weight
 /// vector is loaded (and widened, for F16/BF16) once for N tokens and each token's
 /// vector once for R rows, so a step issues R + N loads for R x N FMAs instead of
 /// two loads per FMA. Per (row, token) exactly the single-row kernel's operations in
@@ -482,10 +494,10 @@ macro_rules! float_tokens_kernel {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         unsafe fn $name<const R: usize, const N: usize>(
-            w: [*const u8; FR],
+            w: [*const u8; TR],
             n: usize,
             xs: &[*const f32; NT],
-            res: &mut [[f32; NT]; FR],
+            res: &mut [[f32; NT]; TR],
         ) {
             let all: __mmask16 = 0xFFFF;
             let mut acc0 = [[_mm512_setzero_ps(); N]; R];
@@ -536,51 +548,17 @@ float_tokens_kernel!(k_f32_rn, ld_f32);
 float_tokens_kernel!(k_f16_rn, ld_f16);
 float_tokens_kernel!(k_bf16_rn, ld_bf16);
 
-/// Multi-token driver for the float kernels: [`FR`] rows x [`NT`] tokens per pass
+/// Multi-token driver for the float kernels: [`TR`] rows x [`NT`] tokens per pass
 /// (smaller for the last rows and tokens), storing token-major.
 macro_rules! toks_float {
     ($name:ident, $t:expr, $k:ident) => {
         fn $name(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
             let (rows, n) = check_tokens($t, w, rb, acts, out);
-            for (ti, tile) in acts.chunks(NT).enumerate() {
+            tile_driver!(w, rb, acts, out, rows, n, TR, $k, |tile| {
                 let xs: [*const f32; NT] =
                     std::array::from_fn(|i| tile[i.min(tile.len() - 1)].f.as_ptr());
-                let mut r = 0;
-                while r < rows {
-                    let nr = (rows - r).min(FR);
-                    // rows past the last repeat it; the kernel reads only the first nr
-                    let rp: [*const u8; FR] =
-                        std::array::from_fn(|i| w[(r + i.min(nr - 1)) * rb..].as_ptr());
-                    let mut res = [[0f32; NT]; FR];
-                    // SAFETY: tokens_fn hands these kernels out only at Level::Avx512
-                    // (runtime-detected avx512f/bw/vl/vnni + the AVX2 set); every row
-                    // pointer starts a whole row of `w` (r + nr <= rows), every
-                    // activation holds at least `n` floats (checked above), and the
-                    // kernel reads only the first nr rows and tile.len() tokens.
-                    unsafe {
-                        match (nr, tile.len()) {
-                            (3, 4) => $k::<3, 4>(rp, n, &xs, &mut res),
-                            (3, 3) => $k::<3, 3>(rp, n, &xs, &mut res),
-                            (3, 2) => $k::<3, 2>(rp, n, &xs, &mut res),
-                            (3, _) => $k::<3, 1>(rp, n, &xs, &mut res),
-                            (2, 4) => $k::<2, 4>(rp, n, &xs, &mut res),
-                            (2, 3) => $k::<2, 3>(rp, n, &xs, &mut res),
-                            (2, 2) => $k::<2, 2>(rp, n, &xs, &mut res),
-                            (2, _) => $k::<2, 1>(rp, n, &xs, &mut res),
-                            (_, 4) => $k::<1, 4>(rp, n, &xs, &mut res),
-                            (_, 3) => $k::<1, 3>(rp, n, &xs, &mut res),
-                            (_, 2) => $k::<1, 2>(rp, n, &xs, &mut res),
-                            _ => $k::<1, 1>(rp, n, &xs, &mut res),
-                        }
-                    }
-                    for (dr, rr) in res[..nr].iter().enumerate() {
-                        for (i, v) in rr[..tile.len()].iter().enumerate() {
-                            out[(ti * NT + i) * rows + r + dr] = *v;
-                        }
-                    }
-                    r += nr;
-                }
-            }
+                xs
+            });
         }
     };
 }
@@ -589,280 +567,406 @@ toks_float!(toks_f32, GgmlType::F32, k_f32_rn);
 toks_float!(toks_f16, GgmlType::F16, k_f16_rn);
 toks_float!(toks_bf16, GgmlType::BF16, k_bf16_rn);
 
+// ---- horizontal sums ------------------------------------------------------------------
+
+/// The sum of a register's 16 lanes in a fixed order: lane i + lane i^8, then i^4,
+/// i^2, i^1 ([`hsums`] adds every register in this same order).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn hsum16(v: __m512) -> f32 {
+    let a = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v));
+    let b = _mm512_add_ps(a, _mm512_shuffle_f32x4::<0b10_11_00_01>(a, a));
+    let c = _mm512_add_ps(b, _mm512_permute_ps::<0b01_00_11_10>(b));
+    let d = _mm512_add_ps(c, _mm512_permute_ps::<0b10_11_00_01>(c));
+    _mm_cvtss_f32(_mm512_castps512_ps128(d))
+}
+
+/// Horizontal sums of the first `k` (<= 16) of `v`, each added in [`hsum16`]'s order
+/// (so a sum does not depend on which others it was computed with), transposing as
+/// it goes: 15 shuffle pairs for 16 registers instead of 4 per register. Sum `i` is
+/// lane [`hsum_lane`]`(i)` of the result.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn hsums(v: &[__m512; 16], k: usize) -> [f32; 16] {
+    let z = _mm512_setzero_ps();
+    let at = |s: &[__m512; 16], i: usize, n: usize| if i < n { s[i] } else { z };
+    // lanes i and i + 8: register m = [v[2m] (8 lanes), v[2m + 1] (8 lanes)]
+    let mut a = [z; 16];
+    let na = k.div_ceil(2);
+    for m in 0..na {
+        let (x, y) = (v[2 * m], at(v, 2 * m + 1, k));
+        a[m] = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+        );
+    }
+    // lanes i and i + 4: 128-bit lane j of register m = v[4m + j] (4 lanes)
+    let nb = na.div_ceil(2);
+    for m in 0..nb {
+        let (x, y) = (a[2 * m], at(&a, 2 * m + 1, na));
+        a[m] = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        );
+    }
+    // lanes i and i + 2: 128-bit lane j of register m = [v[8m + j] x2, v[8m + 4 + j] x2]
+    let nc = nb.div_ceil(2);
+    for m in 0..nc {
+        let (x, y) = (a[2 * m], at(&a, 2 * m + 1, nb));
+        a[m] = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+            _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+        );
+    }
+    // lanes i and i + 1: lane 4j + e = v[4e + j]
+    let (x, y) = (a[0], at(&a, 1, nc));
+    let d = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(x, y),
+        _mm512_shuffle_ps::<0b11_01_11_01>(x, y),
+    );
+    let mut out = [0f32; 16];
+    _mm512_storeu_ps(out.as_mut_ptr(), d);
+    out
+}
+
+/// The lane of [`hsums`]'s result holding sum `i`.
+const fn hsum_lane(i: usize) -> usize {
+    4 * (i % 4) + i / 4
+}
+
+/// Mask of the first `n` bytes of a 64-byte load (all of them from 64 on).
+#[inline]
+fn first_bytes(n: usize) -> __mmask64 {
+    if n >= 64 {
+        !0
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
 // ---- Q4_0 ----------------------------------------------------------------------------
+//
+// A row is taken 4 blocks (one group) at a time; a last group of k < 4 blocks is
+// read with masked loads, its missing blocks' quants, scales and activations zero (so
+// they add exactly 0). The row kernel and the multi-token kernel call the same group
+// helpers and accumulate one register per (row, token) in the same order, so they
+// agree bit for bit.
+
+/// Q4_0 kernel constants.
+#[derive(Clone, Copy)]
+struct Q4c {
+    m4: __m512i,
+    eight: __m512i,
+    qidx: __m512i,
+    didx: __m512i,
+    by4: __m512i,
+}
+
+impl Q4c {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn new() -> Self {
+        Q4c {
+            m4: _mm512_set1_epi8(0x0F),
+            eight: _mm512_set1_epi8(8),
+            qidx: ld_w16(&Q4_0_QS),
+            didx: ld_w16(&Q4_0_D),
+            by4: ld_d16(&BY4),
+        }
+    }
+
+    /// Group `g` of the row at `w` (`k` blocks present): low nibbles, high nibbles
+    /// (values 0..16 and 16..32 of each block), the f16 scales widened per lane.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn weights(&self, w: *const u8, g: usize, k: usize) -> (__m512i, __m512i, __m512) {
+        let p = w.wrapping_add(72 * g);
+        let (lo_bytes, hi_bytes) = if k == 4 {
+            let hi = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
+            (_mm512_loadu_si512(p as *const _), hi)
+        } else {
+            // at most 3 blocks: 54 bytes
+            let lo = _mm512_maskz_loadu_epi8(first_bytes(18 * k), p as *const i8);
+            (lo, _mm512_setzero_si512())
+        };
+        let q = _mm512_permutex2var_epi16(lo_bytes, self.qidx, hi_bytes);
+        let lo = _mm512_and_si512(q, self.m4);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), self.m4);
+        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
+            self.didx, lo_bytes,
+        )));
+        (lo, hi, dw)
+    }
+
+    /// A token's terms for group `g`: its nibble-ordered quants (from the prepared,
+    /// zero-padded `y`), -8 * their per-lane sums (so `vpdpbusd(q, y)` from there
+    /// sums (q - 8) * y), its block scales spread per lane.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn token(
+        &self,
+        y: *const i8,
+        d: *const f32,
+        g: usize,
+        k: usize,
+    ) -> (__m512i, __m512i, __m512i, __m512) {
+        let zero = _mm512_setzero_si512();
+        let ylo = _mm512_loadu_si512(y.add(128 * g) as *const _);
+        let yhi = _mm512_loadu_si512(y.add(128 * g + 64) as *const _);
+        let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, self.eight, ylo), self.eight, yhi);
+        let neg = _mm512_sub_epi32(zero, c);
+        let d4 = if k == 4 {
+            _mm_loadu_ps(d.add(4 * g))
+        } else {
+            _mm_maskz_loadu_ps((1u8 << k) - 1, d.add(4 * g))
+        };
+        let dy = _mm512_permutexvar_ps(self.by4, _mm512_castps128_ps512(d4));
+        (ylo, yhi, neg, dy)
+    }
+}
+
+/// One (row, token) step of a Q4_0 group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_0_step(
+    (lo, hi, dw): (__m512i, __m512i, __m512),
+    (ylo, yhi, neg, dy): (__m512i, __m512i, __m512i, __m512),
+    acc: __m512,
+) -> __m512 {
+    let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dy), acc)
+}
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn k_q4_0(w: *const u8, nb: usize, a: &Activations, pr: &Prep) -> f32 {
-    let m4 = _mm512_set1_epi8(0x0F);
-    let eight = _mm512_set1_epi8(8);
-    let zero = _mm512_setzero_si512();
-    let (qidx, didx, by4) = (ld_w16(&Q4_0_QS), ld_w16(&Q4_0_D), ld_d16(&BY4));
-    let mut acc = [_mm512_setzero_ps(); 2];
-    let groups = nb / 4;
-    for g in 0..groups {
-        let p = w.add(72 * g);
-        let lo_bytes = _mm512_loadu_si512(p as *const _);
-        let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
-        let qs = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
-        let lo = _mm512_and_si512(qs, m4);
-        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(qs), m4);
-        let ylo = _mm512_loadu_si512(pr.y.as_ptr().add(128 * g) as *const _);
-        let yhi = _mm512_loadu_si512(pr.y.as_ptr().add(128 * g + 64) as *const _);
-        // start from -8 * sum(y) per lane so vpdpbusd(q, y) sums (q - 8) * y
-        let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi);
-        let neg = _mm512_sub_epi32(zero, c);
-        let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
-        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
-            didx, lo_bytes,
-        )));
-        let d4 = _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(4 * g)));
-        let d = _mm512_mul_ps(dw, _mm512_permutexvar_ps(by4, d4));
-        acc[g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[g & 1]);
+    let c = Q4c::new();
+    let (y, d) = (pr.y.as_ptr(), a.d.as_ptr());
+    let mut acc = _mm512_setzero_ps();
+    for g in 0..nb / 4 {
+        acc = q4_0_step(c.weights(w, g, 4), c.token(y, d, g, 4), acc);
     }
-    // remaining 1..3 blocks, one 256-bit block at a time
-    let mut tail = _mm256_setzero_ps();
-    for b in 4 * groups..nb {
-        let y = _mm256_loadu_si256(a.qs.as_ptr().add(QK * b) as *const __m256i);
-        let neg = _mm256_sub_epi32(
-            _mm256_setzero_si256(),
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
-        );
-        let p = w.add(18 * b);
-        let q = _mm_loadu_si128(p.add(2) as *const __m128i);
-        let q = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
-            _mm256_set1_epi8(0x0F),
-        );
-        let s = _mm256_dpbusd_epi32(neg, q, y);
-        let d = _mm256_set1_ps(f16_at(p) * *a.d.get_unchecked(b));
-        tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail);
+    if !nb.is_multiple_of(4) {
+        let (g, k) = (nb / 4, nb % 4);
+        acc = q4_0_step(c.weights(w, g, k), c.token(y, d, g, k), acc);
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + hsum_ps(tail)
+    hsum16(acc)
 }
 
-// ---- Q8_0 ----------------------------------------------------------------------------
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations) -> f32 {
-    let bias = _mm512_set1_epi8(-128);
-    let zero = _mm512_setzero_si512();
-    let (i01, i23, didx) = (ld_w16(&Q8_0_QS01), ld_w16(&Q8_0_QS23), ld_w16(&Q8_0_D));
-    let (by01, by23) = (ld_d16(&BY8_01), ld_d16(&BY8_23));
-    let mut acc0 = _mm512_setzero_ps();
-    let mut acc1 = _mm512_setzero_ps();
-    let groups = nb / 4;
-    for g in 0..groups {
-        let p = w.add(136 * g);
-        let v0 = _mm512_loadu_si512(p as *const _);
-        let v1 = _mm512_loadu_si512(p.add(64) as *const _);
-        let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
-        // weights biased by +128 (xor 0x80) to be unsigned; start from -128 * sum(y)
-        let q01 = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
-        let q23 = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
-        let y01 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g) as *const _);
-        let y23 = _mm512_loadu_si512(a.qs.as_ptr().add(128 * g + 64) as *const _);
-        let neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y01));
-        let neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y23));
-        let s01 = _mm512_dpbusd_epi32(neg01, q01, y01);
-        let s23 = _mm512_dpbusd_epi32(neg23, q23, y23);
-        let dd = _mm512_permutex2var_epi16(v0, didx, v1);
-        let d4 = _mm512_castps128_ps512(_mm_loadu_ps(a.d.as_ptr().add(4 * g)));
-        let d01 = _mm512_mul_ps(
-            _mm512_cvtph_ps(_mm512_castsi512_si256(dd)),
-            _mm512_permutexvar_ps(by01, d4),
-        );
-        let d23 = _mm512_mul_ps(
-            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd)),
-            _mm512_permutexvar_ps(by23, d4),
-        );
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc1);
-    }
-    let bias_y = _mm256_set1_epi8(-128);
-    let mut tail = _mm256_setzero_ps();
-    for b in 4 * groups..nb {
-        let y = _mm256_loadu_si256(a.qs.as_ptr().add(QK * b) as *const __m256i);
-        let neg = _mm256_sub_epi32(
-            _mm256_setzero_si256(),
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias_y, y),
-        );
-        let p = w.add(34 * b);
-        let q = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
-        let s = _mm256_dpbusd_epi32(neg, q, y);
-        let d = _mm256_set1_ps(f16_at(p) * *a.d.get_unchecked(b));
-        tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail);
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + hsum_ps(tail)
-}
-
-/// [`k_q8_0`] for R rows (1 or 2) x N tokens at once: each 4-block group is
-/// loaded, permuted, unbiased and its scales widened once and dotted with every
-/// token; each token's activation loads, -128 * sum(y) terms and replicated scales
-/// serve both rows. Per (row, token) the operations and their order are exactly
-/// `k_q8_0`'s (same results, bit for bit).
+/// Group `g` (`k` blocks) of R rows x N tokens into `acc`. (A function, not a
+/// closure or `array::from_fn`: closures have no target features, and one kept the
+/// group helper out of line, 20% of prefill time in the call.)
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q8_0_rn<const R: usize, const N: usize>(
-    w: [*const u8; 2],
-    nb: usize,
-    pt: &Q8Ptrs,
-    res: &mut [[f32; NT]; 2],
+unsafe fn q4_0_group<const R: usize, const N: usize>(
+    c: &Q4c,
+    w: &[*const u8; TR],
+    pt: &Q4Ptrs,
+    g: usize,
+    k: usize,
+    acc: &mut [[__m512; N]; R],
 ) {
-    let bias = _mm512_set1_epi8(-128);
-    let zero = _mm512_setzero_si512();
-    let (i01, i23, didx) = (ld_w16(&Q8_0_QS01), ld_w16(&Q8_0_QS23), ld_w16(&Q8_0_D));
-    let (by01, by23) = (ld_d16(&BY8_01), ld_d16(&BY8_23));
-    let ys: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
-    let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
-    let mut acc0 = [[_mm512_setzero_ps(); N]; R];
-    let mut acc1 = [[_mm512_setzero_ps(); N]; R];
-    let groups = nb / 4;
-    for g in 0..groups {
-        let mut q01 = [zero; R];
-        let mut q23 = [zero; R];
-        let mut dw01 = [_mm512_setzero_ps(); R];
-        let mut dw23 = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            let p = w[r].add(136 * g);
-            let v0 = _mm512_loadu_si512(p as *const _);
-            let v1 = _mm512_loadu_si512(p.add(64) as *const _);
-            let v2 = _mm512_maskz_loadu_epi8(0xFF, p.add(128) as *const i8);
-            q01[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, i01, v1), bias);
-            q23[r] = _mm512_xor_si512(_mm512_permutex2var_epi16(v1, i23, v2), bias);
-            let dd = _mm512_permutex2var_epi16(v0, didx, v1);
-            dw01[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(dd));
-            dw23[r] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dd));
-        }
-        for t in 0..N {
-            let y01 = _mm512_loadu_si512(ys[t].add(128 * g) as *const _);
-            let y23 = _mm512_loadu_si512(ys[t].add(128 * g + 64) as *const _);
-            let neg01 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y01));
-            let neg23 = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, y23));
-            let d4 = _mm512_castps128_ps512(_mm_loadu_ps(ds[t].add(4 * g)));
-            let dy01 = _mm512_permutexvar_ps(by01, d4);
-            let dy23 = _mm512_permutexvar_ps(by23, d4);
-            for r in 0..R {
-                let s01 = _mm512_dpbusd_epi32(neg01, q01[r], y01);
-                let s23 = _mm512_dpbusd_epi32(neg23, q23[r], y23);
-                let d01 = _mm512_mul_ps(dw01[r], dy01);
-                let d23 = _mm512_mul_ps(dw23[r], dy23);
-                acc0[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc0[r][t]);
-                acc1[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc1[r][t]);
-            }
-        }
-    }
-    let bias_y = _mm256_set1_epi8(-128);
-    let mut tail = [[_mm256_setzero_ps(); N]; R];
-    for b in 4 * groups..nb {
-        let mut q = [_mm256_setzero_si256(); R];
-        let mut dw = [0f32; R];
-        for r in 0..R {
-            let p = w[r].add(34 * b);
-            q[r] = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const __m256i), bias_y);
-            dw[r] = f16_at(p);
-        }
-        for t in 0..N {
-            let y = _mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i);
-            let neg = _mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), bias_y, y),
-            );
-            for r in 0..R {
-                let s = _mm256_dpbusd_epi32(neg, q[r], y);
-                let d = _mm256_set1_ps(dw[r] * *ds[t].add(b));
-                tail[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[r][t]);
-            }
-        }
-    }
+    let zi = _mm512_setzero_si512();
+    let mut wv = [(zi, zi, _mm512_setzero_ps()); R];
     for r in 0..R {
-        for t in 0..N {
-            res[r][t] =
-                _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t])) + hsum_ps(tail[r][t]);
+        wv[r] = c.weights(w[r], g, k);
+    }
+    for t in 0..N {
+        let (ylo, yhi, neg, dy) = c.token(pt.2[t] as *const i8, pt.1[t] as *const f32, g, k);
+        for r in 0..R {
+            acc[r][t] = q4_0_step(wv[r], (ylo, yhi, neg, dy), acc[r][t]);
         }
     }
 }
 
-/// [`k_q4_0`] for R rows (1 or 2) x N tokens at once (nibbles unpacked and scales
-/// widened once per group, each token's loads and -8 * sum(y) terms shared by the
-/// rows); per (row, token) exactly `k_q4_0`'s operations in its order.
+/// [`k_q4_0`] for R rows (1..=3) x N tokens at once: each group's nibbles are
+/// unpacked and its scales widened once per row, each token's loads and -8 * sum(y)
+/// terms once for all rows; per (row, token) exactly `k_q4_0`'s operations in its
+/// order. 3 x 4 needs 12 accumulators + 9 row + 4 token registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn k_q4_0_rn<const R: usize, const N: usize>(
-    w: [*const u8; 2],
+    w: [*const u8; TR],
     nb: usize,
     pt: &Q4Ptrs,
-    res: &mut [[f32; NT]; 2],
+    res: &mut [[f32; NT]; TR],
 ) {
-    let m4 = _mm512_set1_epi8(0x0F);
-    let eight = _mm512_set1_epi8(8);
-    let zero = _mm512_setzero_si512();
-    let (qidx, didx, by4) = (ld_w16(&Q4_0_QS), ld_w16(&Q4_0_D), ld_d16(&BY4));
-    let qs: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
-    let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
-    let ys: [*const i8; N] = std::array::from_fn(|t| pt.2[t] as *const i8);
-    let mut acc = [[[_mm512_setzero_ps(); 2]; N]; R];
-    let groups = nb / 4;
-    for g in 0..groups {
-        let mut lo = [zero; R];
-        let mut hi = [zero; R];
-        let mut dw = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            let p = w[r].add(72 * g);
-            let lo_bytes = _mm512_loadu_si512(p as *const _);
-            let hi_bytes = _mm512_maskz_loadu_epi8(0xFF, p.add(64) as *const i8);
-            let q = _mm512_permutex2var_epi16(lo_bytes, qidx, hi_bytes);
-            lo[r] = _mm512_and_si512(q, m4);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
-            dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(
-                didx, lo_bytes,
-            )));
-        }
-        for t in 0..N {
-            let ylo = _mm512_loadu_si512(ys[t].add(128 * g) as *const _);
-            let yhi = _mm512_loadu_si512(ys[t].add(128 * g + 64) as *const _);
-            let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, ylo), eight, yhi);
-            let neg = _mm512_sub_epi32(zero, c);
-            let d4 = _mm512_castps128_ps512(_mm_loadu_ps(ds[t].add(4 * g)));
-            let dy = _mm512_permutexvar_ps(by4, d4);
-            for r in 0..R {
-                let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo[r], ylo), hi[r], yhi);
-                let d = _mm512_mul_ps(dw[r], dy);
-                acc[r][t][g & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[r][t][g & 1]);
-            }
-        }
+    let c = Q4c::new();
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    for g in 0..nb / 4 {
+        q4_0_group(&c, &w, pt, g, 4, &mut acc);
     }
-    let mut tail = [[_mm256_setzero_ps(); N]; R];
-    for b in 4 * groups..nb {
-        let mut q = [_mm256_setzero_si256(); R];
-        let mut dw = [0f32; R];
-        for r in 0..R {
-            let p = w[r].add(18 * b);
-            let v = _mm_loadu_si128(p.add(2) as *const __m128i);
-            q[r] = _mm256_and_si256(
-                _mm256_set_m128i(_mm_srli_epi16(v, 4), v),
-                _mm256_set1_epi8(0x0F),
-            );
-            dw[r] = f16_at(p);
-        }
-        for t in 0..N {
-            let y = _mm256_loadu_si256(qs[t].add(QK * b) as *const __m256i);
-            let neg = _mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), y),
-            );
-            for r in 0..R {
-                let s = _mm256_dpbusd_epi32(neg, q[r], y);
-                let d = _mm256_set1_ps(dw[r] * *ds[t].add(b));
-                tail[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), d, tail[r][t]);
-            }
-        }
+    if !nb.is_multiple_of(4) {
+        q4_0_group(&c, &w, pt, nb / 4, nb % 4, &mut acc);
     }
+    store_sums(&acc, res);
+}
+
+/// `res[r][t] = hsum16(acc[r][t])`, through [`hsums`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn store_sums<const R: usize, const N: usize>(
+    acc: &[[__m512; N]; R],
+    res: &mut [[f32; NT]; TR],
+) {
+    let mut flat = [_mm512_setzero_ps(); 16];
     for r in 0..R {
         for t in 0..N {
-            res[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]))
-                + hsum_ps(tail[r][t]);
+            flat[r * N + t] = acc[r][t];
         }
     }
+    let sums = hsums(&flat, R * N);
+    for r in 0..R {
+        for t in 0..N {
+            res[r][t] = sums[hsum_lane(r * N + t)];
+        }
+    }
+}
+
+// ---- Q8_0 ----------------------------------------------------------------------------
+//
+// Laid out like Q4_0: one register holds values 0..16 of a group's 4 blocks, another
+// values 16..32, against the same prepared (nibble-ordered) activations, so a
+// (row, token) pair costs two `vpdpbusd` and one scale FMA per 128 values. Weights
+// are biased by +128 (xor 0x80) to be unsigned; -128 * sum(y) undoes it.
+
+/// Q8_0 kernel constants.
+#[derive(Clone, Copy)]
+struct Q8c {
+    bias: __m512i,
+    lo_idx: __m512i,
+    hi_idx: __m512i,
+    didx: __m512i,
+    by4: __m512i,
+}
+
+impl Q8c {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn new() -> Self {
+        Q8c {
+            bias: _mm512_set1_epi8(-128),
+            lo_idx: ld_w16(&Q8_0_LO),
+            hi_idx: ld_w16(&Q8_0_HI),
+            didx: ld_w16(&Q8_0_D),
+            by4: ld_d16(&BY4),
+        }
+    }
+
+    /// Group `g` of the row at `w` (`k` blocks present, missing ones zero): values
+    /// 0..16 and 16..32 of each block (biased), f16 scales widened per lane. The
+    /// first half comes from bytes 0..128 of the group, the second from 18..136.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn weights(&self, w: *const u8, g: usize, k: usize) -> (__m512i, __m512i, __m512) {
+        let p = w.wrapping_add(136 * g);
+        let at = |o: usize| p.wrapping_add(o) as *const i8;
+        let (v0, v1, h0) = if k == 4 {
+            (
+                _mm512_loadu_si512(p as *const _),
+                _mm512_loadu_si512(p.add(64) as *const _),
+                _mm512_loadu_si512(p.add(18) as *const _),
+            )
+        } else {
+            let n = 34 * k;
+            (
+                _mm512_maskz_loadu_epi8(first_bytes(n), at(0)),
+                _mm512_maskz_loadu_epi8(first_bytes(n.saturating_sub(64)), at(64)),
+                _mm512_maskz_loadu_epi8(first_bytes(n - 18), at(18)),
+            )
+        };
+        // bytes 82..136 (the group's end: a full load would cross into the next row)
+        let h1 = _mm512_maskz_loadu_epi8(first_bytes((34 * k).saturating_sub(82)), at(82));
+        let lo = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, self.lo_idx, v1), self.bias);
+        let hi = _mm512_xor_si512(_mm512_permutex2var_epi16(h0, self.hi_idx, h1), self.bias);
+        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
+            v0, self.didx, v1,
+        )));
+        (lo, hi, dw)
+    }
+
+    /// A token's terms for group `g`: its prepared quants (values 0..16, 16..32 of
+    /// each block, zero-padded), -128 * their per-lane sums, block scales per lane.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn token(
+        &self,
+        y: *const i8,
+        d: *const f32,
+        g: usize,
+        k: usize,
+    ) -> (__m512i, __m512i, __m512i, __m512) {
+        let zero = _mm512_setzero_si512();
+        let ylo = _mm512_loadu_si512(y.add(128 * g) as *const _);
+        let yhi = _mm512_loadu_si512(y.add(128 * g + 64) as *const _);
+        let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, self.bias, ylo), self.bias, yhi);
+        let neg = _mm512_sub_epi32(zero, c);
+        let d4 = if k == 4 {
+            _mm_loadu_ps(d.add(4 * g))
+        } else {
+            _mm_maskz_loadu_ps((1u8 << k) - 1, d.add(4 * g))
+        };
+        let dy = _mm512_permutexvar_ps(self.by4, _mm512_castps128_ps512(d4));
+        (ylo, yhi, neg, dy)
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations, pr: &Prep) -> f32 {
+    let c = Q8c::new();
+    let (y, d) = (pr.y.as_ptr(), a.d.as_ptr());
+    let mut acc = _mm512_setzero_ps();
+    for g in 0..nb / 4 {
+        acc = q4_0_step(c.weights(w, g, 4), c.token(y, d, g, 4), acc);
+    }
+    if !nb.is_multiple_of(4) {
+        let (g, k) = (nb / 4, nb % 4);
+        acc = q4_0_step(c.weights(w, g, k), c.token(y, d, g, k), acc);
+    }
+    hsum16(acc)
+}
+
+/// Group `g` (`k` blocks) of R rows x N tokens into `acc` (see [`q4_0_group`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_0_group<const R: usize, const N: usize>(
+    c: &Q8c,
+    w: &[*const u8; TR],
+    pt: &Q4Ptrs,
+    g: usize,
+    k: usize,
+    acc: &mut [[__m512; N]; R],
+) {
+    let zi = _mm512_setzero_si512();
+    let mut wv = [(zi, zi, _mm512_setzero_ps()); R];
+    for r in 0..R {
+        wv[r] = c.weights(w[r], g, k);
+    }
+    for t in 0..N {
+        let yv = c.token(pt.2[t] as *const i8, pt.1[t] as *const f32, g, k);
+        for r in 0..R {
+            acc[r][t] = q4_0_step(wv[r], yv, acc[r][t]);
+        }
+    }
+}
+
+/// [`k_q8_0`] for R rows (1..=3) x N tokens at once, shaped like [`k_q4_0_rn`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn k_q8_0_rn<const R: usize, const N: usize>(
+    w: [*const u8; TR],
+    nb: usize,
+    pt: &Q4Ptrs,
+    res: &mut [[f32; NT]; TR],
+) {
+    let c = Q8c::new();
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    for g in 0..nb / 4 {
+        q8_0_group(&c, &w, pt, g, 4, &mut acc);
+    }
+    if !nb.is_multiple_of(4) {
+        q8_0_group(&c, &w, pt, nb / 4, nb % 4, &mut acc);
+    }
+    store_sums(&acc, res);
 }
 
 /// The AVX2 level's `k_q5_0` (Q5_0 has no AVX-512 row kernel) for R rows (1 or 2) x
@@ -876,10 +980,10 @@ unsafe fn k_q4_0_rn<const R: usize, const N: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn k_q5_0_rn<const R: usize, const N: usize>(
-    w: [*const u8; 2],
+    w: [*const u8; TR],
     nb: usize,
     pt: &Q8Ptrs,
-    res: &mut [[f32; NT]; 2],
+    res: &mut [[f32; NT]; TR],
 ) {
     let b4 = _mm256_set1_epi8(0x10);
     let off = _mm512_set1_epi8(16);

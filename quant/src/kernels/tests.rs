@@ -484,6 +484,9 @@ fn multi_token_kernels_match_single_token() {
                 (7, 3 * QK_K),
                 (13, 2 * QK_K + 3 * QK),
                 (5, 2 * QK_K + 3 * QK + 17),
+                // 4-block types: groups ending 2 and 1 blocks short (576 = 18 blocks)
+                (8, 18 * QK),
+                (3, 17 * QK),
             ];
             for (rows, cols) in shapes {
                 let Ok(rb) = t.row_size(cols) else { continue };

@@ -23,7 +23,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{bytes_from_bits, f16_at, hsum_ps, nibbles};
+use super::avx2::f16_at;
 use super::{Activations, AlignedI8, Prep, RowsFn, TokensFn};
 use crate::blocks::*;
 use crate::kernels::scalar::k4_scales_mins;
@@ -35,6 +35,7 @@ pub(super) fn rows_fn(w: GgmlType) -> Option<RowsFn> {
         GgmlType::F16 => rows_f16,
         GgmlType::BF16 => rows_bf16,
         GgmlType::Q4_0 => rows_q4_0,
+        GgmlType::Q5_0 => rows_q5_0,
         GgmlType::Q8_0 => rows_q8_0,
         GgmlType::Q4_K => rows_q4_k,
         GgmlType::Q5_K => rows_q5_k,
@@ -171,17 +172,13 @@ macro_rules! tile_driver {
     }};
 }
 
-/// Pointers a multi-token Q8_0 kernel reads per token: quants, f32 scales.
-type Q8Ptrs = ([*const u8; NT], [*const u8; NT]);
-/// Q4_0 adds the nibble-ordered prepared quants.
-type Q4Ptrs = ([*const u8; NT], [*const u8; NT], [*const u8; NT]);
+/// Pointers a multi-token group kernel reads per token: prepared quants, f32 scales.
+type GroupPtrs = ([*const u8; NT], [*const u8; NT]);
 
-/// Rows per tile of the Q5_0 kernel (at 3 it would spill).
-const Q5_ROWS: usize = 2;
-
-/// Q4_0 and Q8_0 (same prepared activations, same kernel shape).
+/// The 4-block group formats (Q4_0, Q5_0, Q8_0): same prepared activations, same
+/// kernel shape.
 macro_rules! toks_prepared {
-    ($name:ident, $t:expr, $k:ident, $rows:ident) => {
+    ($name:ident, $t:expr, $k:ident, $rows:ident, $tile_rows:expr) => {
         fn $name(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
             let (rows, nb) = check_tokens($t, w, rb, acts, out);
             let prepared = acts
@@ -194,30 +191,20 @@ macro_rules! toks_prepared {
                 }
                 return;
             }
-            tile_driver!(w, rb, acts, out, rows, nb, TR, $k, |tile| {
-                let p: Q4Ptrs = (
-                    tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
-                    tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
+            tile_driver!(w, rb, acts, out, rows, nb, $tile_rows, $k, |tile| {
+                let p: GroupPtrs = (
                     tile_ptrs(tile, |a| a.prep.y.as_ptr() as *const u8),
+                    tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
                 );
                 p
             });
         }
     };
 }
-toks_prepared!(toks_q4_0, GgmlType::Q4_0, k_q4_0_rn, rows_q4_0);
-toks_prepared!(toks_q8_0, GgmlType::Q8_0, k_q8_0_rn, rows_q8_0);
-
-fn toks_q5_0(w: &[u8], rb: usize, acts: &[Activations], out: &mut [f32]) {
-    let (rows, nb) = check_tokens(GgmlType::Q5_0, w, rb, acts, out);
-    tile_driver!(w, rb, acts, out, rows, nb, Q5_ROWS, k_q5_0_rn, |tile| {
-        let p: Q8Ptrs = (
-            tile_ptrs(tile, |a| a.qs.as_ptr() as *const u8),
-            tile_ptrs(tile, |a| a.d.as_ptr() as *const u8),
-        );
-        p
-    });
-}
+toks_prepared!(toks_q4_0, GgmlType::Q4_0, k_q4_0_rn, rows_q4_0, 3);
+// (Q5_0's 3-row tiles spill: 2 rows measured 5-10% faster)
+toks_prepared!(toks_q5_0, GgmlType::Q5_0, k_q5_0_rn, rows_q5_0, 2);
+toks_prepared!(toks_q8_0, GgmlType::Q8_0, k_q8_0_rn, rows_q8_0, 3);
 
 /// k-quant kernels read one pointer per token: its Q8_K blocks.
 type KPtrs = [*const u8; NT];
@@ -270,7 +257,7 @@ pub(super) fn prepare(t: GgmlType, a: &mut Activations) {
 }
 
 fn prepare_into(t: GgmlType, a: &Activations, p: &mut Prep) {
-    if t != GgmlType::Q4_0 && t != GgmlType::Q8_0 {
+    if !matches!(t, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0) {
         return;
     }
     // a last partial group is padded with zeros (the kernels read whole groups)
@@ -331,6 +318,7 @@ rows!(rows_f32, GgmlType::F32, k_f32);
 rows!(rows_f16, GgmlType::F16, k_f16);
 rows!(rows_bf16, GgmlType::BF16, k_bf16);
 rows!(rows_q4_0, GgmlType::Q4_0, k_q4_0, prep);
+rows!(rows_q5_0, GgmlType::Q5_0, k_q5_0, prep);
 rows!(rows_q8_0, GgmlType::Q8_0, k_q8_0, prep);
 rows!(rows_q4_k, GgmlType::Q4_K, k_q4_k);
 rows!(rows_q5_k, GgmlType::Q5_K, k_q5_k);
@@ -342,12 +330,48 @@ rows!(rows_q6_k, GgmlType::Q6_K, k_q6_k);
 /// blocks of `bw` words whose quants start at word 1, `qw` quant words per block:
 /// block j's quants land at words j*qw .. (j+1)*qw. `base` is subtracted (second
 /// half of Q8_0's 4-block group, read from registers starting at word 32).
-const fn gather_qs(bw: u16, qw: u16, first: u16, base: u16) -> [u16; 32] {
+/// Word indices (into the 64 words of two registers) gathering, for 4 consecutive
+/// blocks of `bw` words whose quants start at word `first`, `qw` quant words per
+/// block: block j's quants land at words j*qw .. (j+1)*qw.
+const fn gather_qs(bw: u16, qw: u16, first: u16) -> [u16; 32] {
     let mut m = [0u16; 32];
     let mut i = 0;
     while i < 32 {
-        let j = first + i as u16 / qw;
-        m[i] = j * bw + 1 + i as u16 % qw - base;
+        m[i] = i as u16 / qw * bw + first + i as u16 % qw;
+        i += 1;
+    }
+    m
+}
+
+/// Words 0 and 1 of 128-bit lane j = words `first`, `first` + 1 of block j (blocks of
+/// `bw` words; the lane's other words repeat them).
+const fn gather_pair(bw: u16, first: u16) -> [u16; 32] {
+    let mut m = [0u16; 32];
+    let mut i = 0;
+    while i < 32 {
+        m[i] = i as u16 / 8 * bw + first + i as u16 % 2;
+        i += 1;
+    }
+    m
+}
+
+/// Per 128-bit lane: byte i = `base` + i / 8 (spreads a 16-bit half of a u32).
+const fn spread_bytes(base: u8) -> [u8; 64] {
+    let mut m = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        m[i] = base + (i % 16) as u8 / 8;
+        i += 1;
+    }
+    m
+}
+
+/// Byte i = 1 << (i % 8).
+const fn bit_of_byte() -> [u8; 64] {
+    let mut m = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        m[i] = 1 << (i % 8);
         i += 1;
     }
     m
@@ -376,11 +400,17 @@ const fn spread(per: u32, first: u32) -> [u32; 16] {
     m
 }
 
-static Q4_0_QS: [u16; 32] = gather_qs(9, 8, 0, 0);
+static Q4_0_QS: [u16; 32] = gather_qs(9, 8, 1);
 static Q4_0_D: [u16; 32] = gather_d(9, 4);
-static Q8_0_LO: [u16; 32] = gather_qs(17, 8, 0, 0);
+static Q5_0_QS: [u16; 32] = gather_qs(11, 8, 3);
+static Q5_0_QH: [u16; 32] = gather_pair(11, 1);
+static Q5_0_D: [u16; 32] = gather_d(11, 4);
+static QH_LO_SEL: [u8; 64] = spread_bytes(0);
+static QH_HI_SEL: [u8; 64] = spread_bytes(2);
+static BIT_OF_BYTE: [u8; 64] = bit_of_byte();
+static Q8_0_LO: [u16; 32] = gather_qs(17, 8, 1);
 /// (from a window starting at byte 18 of the group: word 17j = block j's value 16)
-static Q8_0_HI: [u16; 32] = gather_qs(17, 8, 0, 1);
+static Q8_0_HI: [u16; 32] = gather_qs(17, 8, 0);
 static Q8_0_D: [u16; 32] = gather_d(17, 4);
 static BY4: [u32; 16] = spread(4, 0);
 /// Q4_0 activation halves of 4 blocks: values 0..16 of each block, then 16..32.
@@ -420,6 +450,12 @@ unsafe fn ld_w16(t: &[u16; 32]) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn ld_d16(t: &[u32; 16]) -> __m512i {
+    _mm512_loadu_si512(t.as_ptr() as *const _)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld_b64(t: &[u8; 64]) -> __m512i {
     _mm512_loadu_si512(t.as_ptr() as *const _)
 }
 
@@ -644,19 +680,62 @@ fn first_bytes(n: usize) -> __mmask64 {
     }
 }
 
-// ---- Q4_0 ----------------------------------------------------------------------------
+// ---- 4-block group kernels: Q4_0, Q5_0, Q8_0 ---------------------------------------
 //
-// A row is taken 4 blocks (one group) at a time; a last group of k < 4 blocks is
-// read with masked loads, its missing blocks' quants, scales and activations zero (so
-// they add exactly 0). The row kernel and the multi-token kernel call the same group
-// helpers and accumulate one register per (row, token) in the same order, so they
-// agree bit for bit.
+// A row is taken 4 blocks (one group) at a time: one register holds values 0..16 of
+// the group's blocks (block j in 128-bit lane j), another values 16..32, unsigned
+// (Q4_0/Q5_0 as stored, Q8_0 biased by +128); the prepared activations are in the
+// same order. A (row, token) pair then costs two `vpdpbusd` from -offset * sum(y),
+// one conversion and one scale FMA per 128 values. A last group of k < 4 blocks is
+// read with masked loads, its missing blocks' quants, scales and activations zero
+// (so they add exactly 0). The row kernel and the multi-token kernel run the same
+// group helpers and accumulate one register per (row, token) in the same order, so
+// they agree bit for bit.
+
+/// A token's terms for group `g` (`k` blocks): its prepared quants (zero-padded),
+/// -offset * their per-lane sums (so `vpdpbusd(q, y)` from there sums
+/// (q - offset) * y), its block scales spread per lane (missing blocks 0).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn group_token(
+    off: __m512i,
+    by4: __m512i,
+    y: *const i8,
+    d: *const f32,
+    g: usize,
+    k: usize,
+) -> (__m512i, __m512i, __m512i, __m512) {
+    let zero = _mm512_setzero_si512();
+    let ylo = _mm512_loadu_si512(y.add(128 * g) as *const _);
+    let yhi = _mm512_loadu_si512(y.add(128 * g + 64) as *const _);
+    let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, off, ylo), off, yhi);
+    let neg = _mm512_sub_epi32(zero, c);
+    let d4 = if k == 4 {
+        _mm_loadu_ps(d.add(4 * g))
+    } else {
+        _mm_maskz_loadu_ps((1u8 << k) - 1, d.add(4 * g))
+    };
+    let dy = _mm512_permutexvar_ps(by4, _mm512_castps128_ps512(d4));
+    (ylo, yhi, neg, dy)
+}
+
+/// One (row, token) step of a group.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn group_step(
+    (lo, hi, dw): (__m512i, __m512i, __m512),
+    (ylo, yhi, neg, dy): (__m512i, __m512i, __m512i, __m512),
+    acc: __m512,
+) -> __m512 {
+    let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
+    _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dy), acc)
+}
 
 /// Q4_0 kernel constants.
 #[derive(Clone, Copy)]
 struct Q4c {
     m4: __m512i,
-    eight: __m512i,
+    off: __m512i,
     qidx: __m512i,
     didx: __m512i,
     by4: __m512i,
@@ -668,15 +747,15 @@ impl Q4c {
     unsafe fn new() -> Self {
         Q4c {
             m4: _mm512_set1_epi8(0x0F),
-            eight: _mm512_set1_epi8(8),
+            off: _mm512_set1_epi8(8),
             qidx: ld_w16(&Q4_0_QS),
             didx: ld_w16(&Q4_0_D),
             by4: ld_d16(&BY4),
         }
     }
 
-    /// Group `g` of the row at `w` (`k` blocks present): low nibbles, high nibbles
-    /// (values 0..16 and 16..32 of each block), the f16 scales widened per lane.
+    /// Group `g` of the row at `w` (`k` blocks present): low nibbles, high nibbles,
+    /// the f16 scales widened per lane.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn weights(&self, w: *const u8, g: usize, k: usize) -> (__m512i, __m512i, __m512) {
@@ -697,142 +776,81 @@ impl Q4c {
         )));
         (lo, hi, dw)
     }
+}
 
-    /// A token's terms for group `g`: its nibble-ordered quants (from the prepared,
-    /// zero-padded `y`), -8 * their per-lane sums (so `vpdpbusd(q, y)` from there
-    /// sums (q - 8) * y), its block scales spread per lane.
+/// Q5_0 kernel constants.
+#[derive(Clone, Copy)]
+struct Q5c {
+    m4: __m512i,
+    b4: __m512i,
+    off: __m512i,
+    qidx: __m512i,
+    qhidx: __m512i,
+    didx: __m512i,
+    lo_sel: __m512i,
+    hi_sel: __m512i,
+    bits: __m512i,
+    by4: __m512i,
+}
+
+impl Q5c {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn token(
-        &self,
-        y: *const i8,
-        d: *const f32,
-        g: usize,
-        k: usize,
-    ) -> (__m512i, __m512i, __m512i, __m512) {
-        let zero = _mm512_setzero_si512();
-        let ylo = _mm512_loadu_si512(y.add(128 * g) as *const _);
-        let yhi = _mm512_loadu_si512(y.add(128 * g + 64) as *const _);
-        let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, self.eight, ylo), self.eight, yhi);
-        let neg = _mm512_sub_epi32(zero, c);
-        let d4 = if k == 4 {
-            _mm_loadu_ps(d.add(4 * g))
+    unsafe fn new() -> Self {
+        Q5c {
+            m4: _mm512_set1_epi8(0x0F),
+            b4: _mm512_set1_epi8(0x10),
+            off: _mm512_set1_epi8(16),
+            qidx: ld_w16(&Q5_0_QS),
+            qhidx: ld_w16(&Q5_0_QH),
+            didx: ld_w16(&Q5_0_D),
+            lo_sel: ld_b64(&QH_LO_SEL),
+            hi_sel: ld_b64(&QH_HI_SEL),
+            bits: ld_b64(&BIT_OF_BYTE),
+            by4: ld_d16(&BY4),
+        }
+    }
+
+    /// Group `g` of the row at `w` (`k` blocks present): 5-bit values 0..16 and
+    /// 16..32 of each block, the f16 scales widened per lane. Bit i of block j's qh
+    /// lands in byte i of lane j: a byte shuffle spreads qh's bytes 8 lanes each and
+    /// `vptestmb` against 1 << (i % 8) picks the bit. (Building the two 64-bit byte
+    /// masks from qh in scalar registers instead measured 10-30% slower.)
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn weights(&self, w: *const u8, g: usize, k: usize) -> (__m512i, __m512i, __m512) {
+        let p = w.wrapping_add(88 * g);
+        let n = 22 * k;
+        let v0 = if k == 4 {
+            _mm512_loadu_si512(p as *const _)
         } else {
-            _mm_maskz_loadu_ps((1u8 << k) - 1, d.add(4 * g))
+            _mm512_maskz_loadu_epi8(first_bytes(n), p as *const i8)
         };
-        let dy = _mm512_permutexvar_ps(self.by4, _mm512_castps128_ps512(d4));
-        (ylo, yhi, neg, dy)
+        // bytes 64..88 (the group's end)
+        let v1 = _mm512_maskz_loadu_epi8(
+            first_bytes(n.saturating_sub(64)),
+            p.wrapping_add(64) as *const i8,
+        );
+        let q = _mm512_permutex2var_epi16(v0, self.qidx, v1);
+        let qh = _mm512_permutex2var_epi16(v0, self.qhidx, v1);
+        let lo_high = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, self.lo_sel), self.bits);
+        let hi_high = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, self.hi_sel), self.bits);
+        let lo = _mm512_and_si512(q, self.m4);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), self.m4);
+        let lo = _mm512_mask_add_epi8(lo, lo_high, lo, self.b4);
+        let hi = _mm512_mask_add_epi8(hi, hi_high, hi, self.b4);
+        let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
+            v0, self.didx, v1,
+        )));
+        (lo, hi, dw)
     }
 }
-
-/// One (row, token) step of a Q4_0 group.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_0_step(
-    (lo, hi, dw): (__m512i, __m512i, __m512),
-    (ylo, yhi, neg, dy): (__m512i, __m512i, __m512i, __m512),
-    acc: __m512,
-) -> __m512 {
-    let s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(neg, lo, ylo), hi, yhi);
-    _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dy), acc)
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q4_0(w: *const u8, nb: usize, a: &Activations, pr: &Prep) -> f32 {
-    let c = Q4c::new();
-    let (y, d) = (pr.y.as_ptr(), a.d.as_ptr());
-    let mut acc = _mm512_setzero_ps();
-    for g in 0..nb / 4 {
-        acc = q4_0_step(c.weights(w, g, 4), c.token(y, d, g, 4), acc);
-    }
-    if !nb.is_multiple_of(4) {
-        let (g, k) = (nb / 4, nb % 4);
-        acc = q4_0_step(c.weights(w, g, k), c.token(y, d, g, k), acc);
-    }
-    hsum16(acc)
-}
-
-/// Group `g` (`k` blocks) of R rows x N tokens into `acc`. (A function, not a
-/// closure or `array::from_fn`: closures have no target features, and one kept the
-/// group helper out of line, 20% of prefill time in the call.)
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_0_group<const R: usize, const N: usize>(
-    c: &Q4c,
-    w: &[*const u8; TR],
-    pt: &Q4Ptrs,
-    g: usize,
-    k: usize,
-    acc: &mut [[__m512; N]; R],
-) {
-    let zi = _mm512_setzero_si512();
-    let mut wv = [(zi, zi, _mm512_setzero_ps()); R];
-    for r in 0..R {
-        wv[r] = c.weights(w[r], g, k);
-    }
-    for t in 0..N {
-        let (ylo, yhi, neg, dy) = c.token(pt.2[t] as *const i8, pt.1[t] as *const f32, g, k);
-        for r in 0..R {
-            acc[r][t] = q4_0_step(wv[r], (ylo, yhi, neg, dy), acc[r][t]);
-        }
-    }
-}
-
-/// [`k_q4_0`] for R rows (1..=3) x N tokens at once: each group's nibbles are
-/// unpacked and its scales widened once per row, each token's loads and -8 * sum(y)
-/// terms once for all rows; per (row, token) exactly `k_q4_0`'s operations in its
-/// order. 3 x 4 needs 12 accumulators + 9 row + 4 token registers.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q4_0_rn<const R: usize, const N: usize>(
-    w: [*const u8; TR],
-    nb: usize,
-    pt: &Q4Ptrs,
-    res: &mut [[f32; NT]; TR],
-) {
-    let c = Q4c::new();
-    let mut acc = [[_mm512_setzero_ps(); N]; R];
-    for g in 0..nb / 4 {
-        q4_0_group(&c, &w, pt, g, 4, &mut acc);
-    }
-    if !nb.is_multiple_of(4) {
-        q4_0_group(&c, &w, pt, nb / 4, nb % 4, &mut acc);
-    }
-    store_sums(&acc, res);
-}
-
-/// `res[r][t] = hsum16(acc[r][t])`, through [`hsums`].
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn store_sums<const R: usize, const N: usize>(
-    acc: &[[__m512; N]; R],
-    res: &mut [[f32; NT]; TR],
-) {
-    let mut flat = [_mm512_setzero_ps(); 16];
-    for r in 0..R {
-        for t in 0..N {
-            flat[r * N + t] = acc[r][t];
-        }
-    }
-    let sums = hsums(&flat, R * N);
-    for r in 0..R {
-        for t in 0..N {
-            res[r][t] = sums[hsum_lane(r * N + t)];
-        }
-    }
-}
-
-// ---- Q8_0 ----------------------------------------------------------------------------
-//
-// Laid out like Q4_0: one register holds values 0..16 of a group's 4 blocks, another
-// values 16..32, against the same prepared (nibble-ordered) activations, so a
-// (row, token) pair costs two `vpdpbusd` and one scale FMA per 128 values. Weights
-// are biased by +128 (xor 0x80) to be unsigned; -128 * sum(y) undoes it.
 
 /// Q8_0 kernel constants.
 #[derive(Clone, Copy)]
 struct Q8c {
-    bias: __m512i,
+    /// -128: the weights' bias (xor) and, as an unsigned byte, the offset.
+    off: __m512i,
     lo_idx: __m512i,
     hi_idx: __m512i,
     didx: __m512i,
@@ -844,7 +862,7 @@ impl Q8c {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn new() -> Self {
         Q8c {
-            bias: _mm512_set1_epi8(-128),
+            off: _mm512_set1_epi8(-128),
             lo_idx: ld_w16(&Q8_0_LO),
             hi_idx: ld_w16(&Q8_0_HI),
             didx: ld_w16(&Q8_0_D),
@@ -852,9 +870,10 @@ impl Q8c {
         }
     }
 
-    /// Group `g` of the row at `w` (`k` blocks present, missing ones zero): values
-    /// 0..16 and 16..32 of each block (biased), f16 scales widened per lane. The
-    /// first half comes from bytes 0..128 of the group, the second from 18..136.
+    /// Group `g` of the row at `w` (`k` blocks present): values 0..16 and 16..32 of
+    /// each block biased by +128 (xor 0x80) to be unsigned, f16 scales widened per
+    /// lane. The first half comes from bytes 0..128 of the group, the second from
+    /// 18..136.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn weights(&self, w: *const u8, g: usize, k: usize) -> (__m512i, __m512i, __m512) {
@@ -876,183 +895,115 @@ impl Q8c {
         };
         // bytes 82..136 (the group's end: a full load would cross into the next row)
         let h1 = _mm512_maskz_loadu_epi8(first_bytes((34 * k).saturating_sub(82)), at(82));
-        let lo = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, self.lo_idx, v1), self.bias);
-        let hi = _mm512_xor_si512(_mm512_permutex2var_epi16(h0, self.hi_idx, h1), self.bias);
+        let lo = _mm512_xor_si512(_mm512_permutex2var_epi16(v0, self.lo_idx, v1), self.off);
+        let hi = _mm512_xor_si512(_mm512_permutex2var_epi16(h0, self.hi_idx, h1), self.off);
         let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(
             v0, self.didx, v1,
         )));
         (lo, hi, dw)
     }
-
-    /// A token's terms for group `g`: its prepared quants (values 0..16, 16..32 of
-    /// each block, zero-padded), -128 * their per-lane sums, block scales per lane.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn token(
-        &self,
-        y: *const i8,
-        d: *const f32,
-        g: usize,
-        k: usize,
-    ) -> (__m512i, __m512i, __m512i, __m512) {
-        let zero = _mm512_setzero_si512();
-        let ylo = _mm512_loadu_si512(y.add(128 * g) as *const _);
-        let yhi = _mm512_loadu_si512(y.add(128 * g + 64) as *const _);
-        let c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, self.bias, ylo), self.bias, yhi);
-        let neg = _mm512_sub_epi32(zero, c);
-        let d4 = if k == 4 {
-            _mm_loadu_ps(d.add(4 * g))
-        } else {
-            _mm_maskz_loadu_ps((1u8 << k) - 1, d.add(4 * g))
-        };
-        let dy = _mm512_permutexvar_ps(self.by4, _mm512_castps128_ps512(d4));
-        (ylo, yhi, neg, dy)
-    }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q8_0(w: *const u8, nb: usize, a: &Activations, pr: &Prep) -> f32 {
-    let c = Q8c::new();
-    let (y, d) = (pr.y.as_ptr(), a.d.as_ptr());
-    let mut acc = _mm512_setzero_ps();
-    for g in 0..nb / 4 {
-        acc = q4_0_step(c.weights(w, g, 4), c.token(y, d, g, 4), acc);
-    }
-    if !nb.is_multiple_of(4) {
-        let (g, k) = (nb / 4, nb % 4);
-        acc = q4_0_step(c.weights(w, g, k), c.token(y, d, g, k), acc);
-    }
-    hsum16(acc)
-}
-
-/// Group `g` (`k` blocks) of R rows x N tokens into `acc` (see [`q4_0_group`]).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_0_group<const R: usize, const N: usize>(
-    c: &Q8c,
-    w: &[*const u8; TR],
-    pt: &Q4Ptrs,
-    g: usize,
-    k: usize,
-    acc: &mut [[__m512; N]; R],
-) {
-    let zi = _mm512_setzero_si512();
-    let mut wv = [(zi, zi, _mm512_setzero_ps()); R];
-    for r in 0..R {
-        wv[r] = c.weights(w[r], g, k);
-    }
-    for t in 0..N {
-        let yv = c.token(pt.2[t] as *const i8, pt.1[t] as *const f32, g, k);
-        for r in 0..R {
-            acc[r][t] = q4_0_step(wv[r], yv, acc[r][t]);
+/// The row kernel `$row`, the R x N multi-token kernel `$rn` and their group step
+/// `$group` for the format with constants `$c`.
+macro_rules! group_kernels {
+    ($c:ident, $row:ident, $rn:ident, $group:ident) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $row(w: *const u8, nb: usize, a: &Activations, pr: &Prep) -> f32 {
+            let c = $c::new();
+            let (y, d) = (pr.y.as_ptr(), a.d.as_ptr());
+            let mut acc = _mm512_setzero_ps();
+            for g in 0..nb / 4 {
+                let t = group_token(c.off, c.by4, y, d, g, 4);
+                acc = group_step(c.weights(w, g, 4), t, acc);
+            }
+            if !nb.is_multiple_of(4) {
+                let (g, k) = (nb / 4, nb % 4);
+                let t = group_token(c.off, c.by4, y, d, g, k);
+                acc = group_step(c.weights(w, g, k), t, acc);
+            }
+            hsum16(acc)
         }
-    }
-}
 
-/// [`k_q8_0`] for R rows (1..=3) x N tokens at once, shaped like [`k_q4_0_rn`].
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q8_0_rn<const R: usize, const N: usize>(
-    w: [*const u8; TR],
-    nb: usize,
-    pt: &Q4Ptrs,
-    res: &mut [[f32; NT]; TR],
-) {
-    let c = Q8c::new();
-    let mut acc = [[_mm512_setzero_ps(); N]; R];
-    for g in 0..nb / 4 {
-        q8_0_group(&c, &w, pt, g, 4, &mut acc);
-    }
-    if !nb.is_multiple_of(4) {
-        q8_0_group(&c, &w, pt, nb / 4, nb % 4, &mut acc);
-    }
-    store_sums(&acc, res);
-}
-
-/// The AVX2 level's `k_q5_0` (Q5_0 has no AVX-512 row kernel) for R rows (1 or 2) x
-/// N tokens, two blocks per 512-bit register: the low half holds block 2s, which
-/// that kernel accumulates in its even-block register, the high half block 2s + 1
-/// (its odd-block register), so one zmm accumulator is exactly that kernel's pair.
-/// Each block's 5-bit values are assembled once per row; per token the -16 * sum(y)
-/// term and the scales are shared by the rows. `vpdpbusd` sums the same 4 products
-/// per lane as `vpmaddubsw` + `vpmaddwd` there (no saturation: |q y| <= 31 * 128), the
-/// scale product and FMA are the same lane-wise, so results are equal bit for bit.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn k_q5_0_rn<const R: usize, const N: usize>(
-    w: [*const u8; TR],
-    nb: usize,
-    pt: &Q8Ptrs,
-    res: &mut [[f32; NT]; TR],
-) {
-    let b4 = _mm256_set1_epi8(0x10);
-    let off = _mm512_set1_epi8(16);
-    let zero = _mm512_setzero_si512();
-    let ys: [*const i8; N] = std::array::from_fn(|t| pt.0[t] as *const i8);
-    let ds: [*const f32; N] = std::array::from_fn(|t| pt.1[t] as *const f32);
-    let mut acc = [[_mm512_setzero_ps(); N]; R];
-    // the 5-bit values of block b of row r (32 bytes)
-    let quants = |r: usize, b: usize| {
-        let blk = w[r].add(22 * b);
-        let qh = (blk.add(2) as *const u32).read_unaligned();
-        _mm256_or_si256(
-            nibbles(blk.add(6)),
-            _mm256_and_si256(bytes_from_bits(qh), b4),
-        )
-    };
-    // [x ; 8 lanes | y ; 8 lanes]
-    let halves = |x: f32, y: f32| {
-        // (64-bit-lane insert: the 32-bit-lane one needs AVX-512 DQ)
-        let lo = _mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(x)));
-        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-            lo,
-            _mm256_castps_pd(_mm256_set1_ps(y)),
-        ))
-    };
-    let pairs = nb / 2;
-    for s in 0..pairs {
-        let b = 2 * s;
-        let mut q = [zero; R];
-        let mut dw = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            q[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(quants(r, b)), quants(r, b + 1));
-            dw[r] = halves(f16_at(w[r].add(22 * b)), f16_at(w[r].add(22 * b + 22)));
-        }
-        for t in 0..N {
-            let y = _mm512_loadu_si512(ys[t].add(QK * b) as *const _);
-            let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, y));
-            let dy = halves(*ds[t].add(b), *ds[t].add(b + 1));
+        /// Group `g` (`k` blocks) of R rows x N tokens into `acc`. (A function, not
+        /// a closure or `array::from_fn`: closures have no target features, and one
+        /// kept the weights helper out of line, 20% of prefill time in the call.)
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $group<const R: usize, const N: usize>(
+            c: &$c,
+            w: &[*const u8; TR],
+            pt: &GroupPtrs,
+            g: usize,
+            k: usize,
+            acc: &mut [[__m512; N]; R],
+        ) {
+            let zi = _mm512_setzero_si512();
+            let mut wv = [(zi, zi, _mm512_setzero_ps()); R];
             for r in 0..R {
-                let p = _mm512_dpbusd_epi32(neg, q[r], y);
-                let d = _mm512_mul_ps(dw[r], dy);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[r][t]);
+                wv[r] = c.weights(w[r], g, k);
             }
-        }
-    }
-    if nb % 2 == 1 {
-        // the last block is even: low half only
-        let b = nb - 1;
-        let low: __mmask16 = 0x00FF;
-        for r in 0..R {
-            let q = _mm512_castsi256_si512(quants(r, b));
-            let dw = _mm512_set1_ps(f16_at(w[r].add(22 * b)));
             for t in 0..N {
-                let y =
-                    _mm512_castsi256_si512(_mm256_loadu_si256(ys[t].add(QK * b) as *const __m256i));
-                let neg = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, off, y));
-                let p = _mm512_dpbusd_epi32(neg, q, y);
-                let d = _mm512_mul_ps(dw, _mm512_set1_ps(*ds[t].add(b)));
-                acc[r][t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(p), d, acc[r][t], low);
+                let yv = group_token(
+                    c.off,
+                    c.by4,
+                    pt.0[t] as *const i8,
+                    pt.1[t] as *const f32,
+                    g,
+                    k,
+                );
+                for r in 0..R {
+                    acc[r][t] = group_step(wv[r], yv, acc[r][t]);
+                }
             }
         }
-    }
+
+        /// The row kernel for R rows (1..=3) x N tokens at once: each group's weights
+        /// are decoded once per row, each token's terms once for all rows; per (row,
+        /// token) exactly the row kernel's operations in its order. 3 x 4: 12
+        /// accumulators + 9 row + 4 token registers.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $rn<const R: usize, const N: usize>(
+            w: [*const u8; TR],
+            nb: usize,
+            pt: &GroupPtrs,
+            res: &mut [[f32; NT]; TR],
+        ) {
+            let c = $c::new();
+            let mut acc = [[_mm512_setzero_ps(); N]; R];
+            for g in 0..nb / 4 {
+                $group(&c, &w, pt, g, 4, &mut acc);
+            }
+            if !nb.is_multiple_of(4) {
+                $group(&c, &w, pt, nb / 4, nb % 4, &mut acc);
+            }
+            store_sums(&acc, res);
+        }
+    };
+}
+
+group_kernels!(Q4c, k_q4_0, k_q4_0_rn, q4_0_group);
+group_kernels!(Q5c, k_q5_0, k_q5_0_rn, q5_0_group);
+group_kernels!(Q8c, k_q8_0, k_q8_0_rn, q8_0_group);
+
+/// `res[r][t] = hsum16(acc[r][t])`, through [`hsums`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn store_sums<const R: usize, const N: usize>(
+    acc: &[[__m512; N]; R],
+    res: &mut [[f32; NT]; TR],
+) {
+    let mut flat = [_mm512_setzero_ps(); 16];
     for r in 0..R {
         for t in 0..N {
-            let a = acc[r][t];
-            res[r][t] = hsum_ps(_mm256_add_ps(
-                _mm512_castps512_ps256(a),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
-            ));
+            flat[r * N + t] = acc[r][t];
+        }
+    }
+    let sums = hsums(&flat, R * N);
+    for r in 0..R {
+        for t in 0..N {
+            res[r][t] = sums[hsum_lane(r * N + t)];
         }
     }
 }

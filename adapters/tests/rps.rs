@@ -48,10 +48,9 @@ fn load_model() -> Model {
         .expect("load llama-gqa-F32")
 }
 
+/// A fresh file path in a directory of its own (common::temp_dir clears it).
 fn tmp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("graft-rps-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::temp_dir(&format!("rps-{name}")).join(name)
 }
 
 const TOKENS: [u32; 12] = [

@@ -142,6 +142,17 @@ fn bad_options_fail_before_training() {
     s.data = TrainData::Records(Vec::new());
     let e = job::run(&m, &tok, &s, &mut count).unwrap_err();
     assert!(e.to_string().contains("no training examples"), "{e}");
+
+    // retention data is read up front: a missing file or plain text fails at once
+    let mut s = spec(dir.as_path(), MethodKind::Lora, "x.gguf");
+    s.retention_data = Some(dir.as_path().join("gone.jsonl"));
+    let e = job::run(&m, &tok, &s, &mut count).unwrap_err();
+    assert!(e.to_string().contains("gone.jsonl"), "{e}");
+    let text = dir.as_path().join("plain.txt");
+    std::fs::write(&text, "just some text\n").unwrap();
+    s.retention_data = Some(text);
+    let e = job::run(&m, &tok, &s, &mut count).unwrap_err();
+    assert!(e.to_string().contains("must be .jsonl records"), "{e}");
     assert_eq!(calls, 0);
     assert!(!dir.as_path().join("x.gguf").exists());
 }

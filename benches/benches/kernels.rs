@@ -246,6 +246,28 @@ fn bench_act_format(c: &mut Criterion) {
     g.finish();
 }
 
+/// One `kernels::matmul` of `n_tokens` random tokens on pool `p`, named
+/// `{t}/{rows}x{cols}/t2` / `n{n_tokens}`.
+fn bench_matmul(
+    g: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    p: &rayon::ThreadPool,
+    t: GgmlType,
+    w: &[u8],
+    (rows, cols): (usize, usize),
+    n_tokens: usize,
+) {
+    let x = random_f32(n_tokens * cols, 11);
+    let mut y = vec![0f32; n_tokens * rows];
+    let id = BenchmarkId::new(format!("{t}/{rows}x{cols}/t2"), format!("n{n_tokens}"));
+    g.bench_function(id, |b| {
+        p.install(|| {
+            b.iter(|| {
+                kernels::matmul(t, w, rows, cols, black_box(&x), n_tokens, &mut y).expect("matmul")
+            })
+        })
+    });
+}
+
 /// Several tokens per call (prefill / batched decode): weight chunks are reused from
 /// L2 across tokens, so time per token falls well below one matvec. Throughput counts
 /// the weight bytes once per call.
@@ -257,17 +279,7 @@ fn bench_matmul_tokens(c: &mut Criterion) {
         let w = random_weights(t, rows, cols, 10);
         g.throughput(Throughput::Bytes(w.len() as u64));
         for n_tokens in [1usize, 4, 16] {
-            let x = random_f32(n_tokens * cols, 11);
-            let mut y = vec![0f32; n_tokens * rows];
-            let id = BenchmarkId::new(format!("{t}/{rows}x{cols}/t2"), format!("n{n_tokens}"));
-            g.bench_function(id, |b| {
-                p.install(|| {
-                    b.iter(|| {
-                        kernels::matmul(t, &w, rows, cols, black_box(&x), n_tokens, &mut y)
-                            .expect("matmul")
-                    })
-                })
-            });
+            bench_matmul(&mut g, &p, t, &w, (rows, cols), n_tokens);
         }
     }
     g.finish();
@@ -294,18 +306,8 @@ fn bench_matmul_prefill(c: &mut Criterion) {
                 continue;
             }
             let w = random_weights(t, rows, cols, 12);
-            let x = random_f32(n_tokens * cols, 13);
-            let mut y = vec![0f32; n_tokens * rows];
             g.throughput(Throughput::Elements((n_tokens * rows * cols) as u64));
-            let id = BenchmarkId::new(format!("{t}/{rows}x{cols}/t2"), format!("n{n_tokens}"));
-            g.bench_function(id, |b| {
-                p.install(|| {
-                    b.iter(|| {
-                        kernels::matmul(t, &w, rows, cols, black_box(&x), n_tokens, &mut y)
-                            .expect("matmul")
-                    })
-                })
-            });
+            bench_matmul(&mut g, &p, t, &w, (rows, cols), n_tokens);
         }
     }
     g.finish();

@@ -239,6 +239,20 @@ pub struct JobReport {
     pub out_bytes: u64,
 }
 
+/// The retention records (at most `eval_max`), if `spec` names a file.
+fn retention_records(spec: &JobSpec) -> Result<Option<Vec<Record>>, TrainError> {
+    let Some(path) = &spec.retention_data else {
+        return Ok(None);
+    };
+    match data::load(path)? {
+        Data::Pairs(records) => Ok(Some(records.into_iter().take(spec.eval_max).collect())),
+        Data::Text(_) => Err(TrainError::Config(format!(
+            "{}: retention data must be .jsonl records",
+            path.display()
+        ))),
+    }
+}
+
 /// Trains per `spec` on `model`, calling `progress` after every step; writes the
 /// result to `spec.out` only when training completes.
 pub fn run(
@@ -250,6 +264,8 @@ pub fn run(
     let c = &model.config;
     let format = output_format(spec)?;
     let (train, eval_examples, eval_records) = split_data(tok, spec)?;
+    // read before training, so a bad file fails in a second, not after the run
+    let retention = retention_records(spec)?;
     let method = build_method(model, spec)?;
     let lr = spec.lr.unwrap_or(match spec.method {
         MethodKind::Sara => super::sara::default_lr(spec.theta),
@@ -329,19 +345,8 @@ pub fn run(
     } else {
         Some(trainer.exact_match(tok, &eval_records)?)
     };
-    let retention_exact_match = match &spec.retention_data {
-        Some(path) => match data::load(path)? {
-            Data::Pairs(records) => {
-                let records: Vec<Record> = records.into_iter().take(spec.eval_max).collect();
-                Some(trainer.exact_match(tok, &records)?)
-            }
-            Data::Text(_) => {
-                return Err(TrainError::Config(format!(
-                    "{}: retention data must be .jsonl records",
-                    path.display()
-                )))
-            }
-        },
+    let retention_exact_match = match &retention {
+        Some(records) => Some(trainer.exact_match(tok, records)?),
         None => None,
     };
     save(&trainer, c, format, &spec.out)?;
@@ -381,6 +386,11 @@ type Split = (Vec<Example>, Vec<Example>, Vec<Record>);
 
 /// Tokenized training and held-out examples, plus the held-out records (for exact
 /// match; text data has none).
+/// `items[i]` for each index of `ix`.
+fn pick<T: Clone>(items: &[T], ix: &[usize]) -> Vec<T> {
+    ix.iter().map(|&i| items[i].clone()).collect()
+}
+
 fn split_data(tok: &Tokenizer, spec: &JobSpec) -> Result<Split, TrainError> {
     let (name, loaded) = match &spec.data {
         TrainData::File(path) => (path.display().to_string(), data::load(path)?),
@@ -390,8 +400,7 @@ fn split_data(tok: &Tokenizer, spec: &JobSpec) -> Result<Split, TrainError> {
     let split = match loaded {
         Data::Pairs(records) => {
             let (ti, ei) = data::split(records.len(), spec.eval_frac, spec.seed);
-            let pick = |ix: &[usize]| ix.iter().map(|&i| records[i].clone()).collect::<Vec<_>>();
-            let (tr, er) = (pick(&ti), pick(&ei));
+            let (tr, er) = (pick(&records, &ti), pick(&records, &ei));
             let (train, dropped) = data::pair_examples(tok, &tr, spec.max_len);
             if dropped > 0 {
                 tracing::warn!(
@@ -404,8 +413,7 @@ fn split_data(tok: &Tokenizer, spec: &JobSpec) -> Result<Split, TrainError> {
         Data::Text(text) => {
             let all = data::text_examples(tok, &text, spec.max_len);
             let (ti, ei) = data::split(all.len(), spec.eval_frac, spec.seed);
-            let pick = |ix: &[usize]| ix.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
-            (pick(&ti), pick(&ei), Vec::new())
+            (pick(&all, &ti), pick(&all, &ei), Vec::new())
         }
     };
     if split.0.is_empty() {

@@ -578,10 +578,7 @@ impl Model {
                     (Proj::Up, &layer.w_up, &mut s.up),
                 ],
             )?;
-            for (g, &u) in s.gate.iter_mut().zip(&s.up) {
-                let silu = *g / (1.0 + (-*g).exp());
-                *g = silu * u;
-            }
+            simd::silu_mul(&mut s.gate, &s.up);
             project(site, Proj::Down, &layer.w_down, &s.gate, n, &mut s.proj)?;
             for (x, p) in s.x.iter_mut().zip(&s.proj) {
                 *x += p;

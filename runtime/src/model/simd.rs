@@ -79,6 +79,53 @@ fn exp_sub_sum_portable(scores: &mut [f32], max: f32) -> f32 {
     sum
 }
 
+/// `gate[i] = silu(gate[i]) * up[i]`, silu(g) = g / (1 + e^-g): SwiGLU's product,
+/// over the shorter length. The vector version uses the same exp as
+/// [`exp_sub_sum`] (libm's scalar expf was 2% of prefill).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (gate, up) = (&mut gate[..n], &up[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected on this CPU; both slices hold n floats.
+        return unsafe { silu_mul_avx2(gate, up) };
+    }
+    silu_mul_portable(gate, up)
+}
+
+fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    let (n, pg, pu) = (gate.len(), gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let silu_mul = |g: __m256, u: __m256| {
+        // e^-g overflows to 2^127-ish for g < -88 (exp_avx2 clamps): g / huge ~ -0
+        let e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u)
+    };
+    let mut i = 0;
+    while i + 8 <= n {
+        let r = silu_mul(_mm256_loadu_ps(pg.add(i)), _mm256_loadu_ps(pu.add(i)));
+        _mm256_storeu_ps(pg.add(i), r);
+        i += 8;
+    }
+    if i < n {
+        let m = lane_mask(n - i);
+        let r = silu_mul(
+            _mm256_maskload_ps(pg.add(i), m),
+            _mm256_maskload_ps(pu.add(i), m),
+        );
+        _mm256_maskstore_ps(pg.add(i), m, r);
+    }
+}
+
 /// exp(x) for x <= 88: Cephes' expf (range reduction by ln 2 in two parts, degree-5
 /// polynomial for e^r - 1 - r), 0 below -87.33.
 #[cfg(target_arch = "x86_64")]
@@ -445,6 +492,28 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_libm() {
+        type F = fn(&mut [f32], &[f32]);
+        for f in [silu_mul as F, silu_mul_portable as F] {
+            for n in [0usize, 1, 7, 8, 9, 100] {
+                let g: Vec<f32> = (0..n).map(|i| (i as f32 - 50.0) * 2.1).collect();
+                let u: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+                let mut got = g.clone();
+                f(&mut got, &u);
+                for i in 0..n {
+                    let (gi, ui) = (g[i] as f64, u[i] as f64);
+                    let want = gi / (1.0 + (-gi).exp()) * ui;
+                    assert!(
+                        (got[i] as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                        "silu({gi}) * {ui}: {} vs {want}",
+                        got[i]
+                    );
                 }
             }
         }

@@ -580,25 +580,27 @@ unsafe fn k_q6_k(w: *const u8, nb: usize, a: &Activations) -> f32 {
 // `kquants` (tested byte for byte): activation quantization runs once per matvec on
 // one thread, so at 2 threads its serial time matters.
 
-/// Q8_0 (`q8_1 == false`) or Q8_1 activations of `x` (a whole number of blocks),
-/// byte-identical to `legacy::quantize_q8_0`/`quantize_q8_1`, with the SIMD-side
-/// arrays (contiguous quants, f32 scales, sums) filled in the same pass.
-pub(super) fn activations_q8(x: &[f32], q8_1: bool) -> Activations {
+/// Q8_0 (`q8_1 == false`) or Q8_1 activations of `x` (a whole number of blocks) into
+/// `a`, reusing its buffers: byte-identical to `legacy::quantize_q8_0`/
+/// `quantize_q8_1`, with the SIMD-side arrays (contiguous quants, f32 scales, sums)
+/// filled in the same pass. Leaves `a.prep` alone.
+pub(super) fn activations_q8_into(x: &[f32], q8_1: bool, a: &mut Activations) {
     let nb = x.len() / QK;
     assert_eq!(x.len(), nb * QK);
-    let mut a = Activations {
-        ty: Some(if q8_1 { GgmlType::Q8_1 } else { GgmlType::Q8_0 }),
-        n: x.len(),
-        qs: super::AlignedI8::zeroed(x.len()),
-        d: Vec::with_capacity(nb),
-        ..Default::default()
-    };
+    a.ty = Some(if q8_1 { GgmlType::Q8_1 } else { GgmlType::Q8_0 });
+    a.n = x.len();
+    a.qs.resize(x.len());
+    for v in [&mut a.f, &mut a.d, &mut a.s] {
+        v.clear();
+    }
+    a.sum.clear();
+    a.q8_0.clear();
+    a.q8_1.clear();
+    a.q8_k.clear();
     if q8_1 {
-        a.q8_1 = vec![BlockQ8_1::default(); nb];
-        a.s = Vec::with_capacity(nb);
+        a.q8_1.resize(nb, BlockQ8_1::default());
     } else {
-        a.q8_0 = vec![BlockQ8_0::default(); nb];
-        a.sum = Vec::with_capacity(nb);
+        a.q8_0.resize(nb, BlockQ8_0::default());
     }
     let planar = a.qs.as_mut_ptr();
     for (b, xb) in x.chunks_exact(QK).enumerate() {
@@ -629,7 +631,6 @@ pub(super) fn activations_q8(x: &[f32], q8_1: bool) -> Activations {
         }
         a.d.push(dr);
     }
-    a
 }
 
 /// f32 -> f16 bits (round to nearest even, as `blocks::f32_to_f16`) and back to f32.

@@ -24,7 +24,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::f16_at;
-use super::{Activations, AlignedI8, Prep, RowsFn, TokensFn};
+use super::{Activations, Prep, RowsFn, TokensFn};
 use crate::blocks::*;
 use crate::kernels::scalar::k4_scales_mins;
 use crate::{GgmlType, QK, QK_K};
@@ -263,7 +263,8 @@ fn prepare_into(t: GgmlType, a: &Activations, p: &mut Prep) {
     // a last partial group is padded with zeros (the kernels read whole groups)
     let groups = a.qs.len().div_ceil(4 * QK);
     p.for_ty = Some(t);
-    p.y = AlignedI8::zeroed(groups * 4 * QK);
+    // every byte is written below (a partial group's padding with zeros)
+    p.y.resize(groups * 4 * QK);
     // SAFETY: only reachable from this module's kernels or from quantize_activations
     // at a detected Level::Avx512; the buffer was sized for `groups` just above.
     unsafe { prepare_nibble_order(a, p, groups) }

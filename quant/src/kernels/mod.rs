@@ -284,6 +284,14 @@ impl AlignedI8 {
             len,
         }
     }
+    /// Makes this `len` bytes, reusing the allocation; bytes `..len` keep whatever
+    /// they held (callers overwrite them), bytes past `len` in the last line are 0.
+    pub(crate) fn resize(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(64), Line([0; 64]));
+        self.len = len;
+        let bytes = bytemuck::cast_slice_mut::<Line, i8>(&mut self.lines);
+        bytes[len..].fill(0);
+    }
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -431,7 +439,11 @@ pub fn quantize_activations_with(
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut act = match at {
         #[cfg(target_arch = "x86_64")]
-        GgmlType::Q8_0 | GgmlType::Q8_1 if simd => avx2::activations_q8(x, at == GgmlType::Q8_1),
+        GgmlType::Q8_0 | GgmlType::Q8_1 if simd => {
+            let mut a = Activations::default();
+            avx2::activations_q8_into(x, at == GgmlType::Q8_1, &mut a);
+            a
+        }
         GgmlType::Q8_0 => {
             let mut b = vec![BlockQ8_0::default(); x.len() / QK];
             crate::legacy::quantize_q8_0(x, &mut b);
@@ -460,6 +472,35 @@ pub fn quantize_activations_with(
         avx512::prepare(w, &mut act);
     }
     Ok(act)
+}
+
+/// [`quantize_activations_with`] into `a`, reusing its buffers (prefill quantizes
+/// hundreds of tokens per product: their allocations were ~8% of prefill time).
+fn quantize_activations_into(
+    lvl: Level,
+    w: GgmlType,
+    x: &[f32],
+    a: &mut Activations,
+) -> Result<(), QuantError> {
+    #[cfg(target_arch = "x86_64")]
+    if lvl >= Level::Avx2 && lvl.is_available() && vec_dot_type(w) == GgmlType::Q8_0 {
+        GgmlType::Q8_0.row_size(x.len())?;
+        avx2::activations_q8_into(x, false, a);
+        a.prep.for_ty = None;
+        if lvl >= Level::Avx512 {
+            avx512::prepare(w, a);
+        }
+        return Ok(());
+    }
+    *a = quantize_activations_with(lvl, w, x)?;
+    Ok(())
+}
+
+thread_local! {
+    /// Per-token activation buffers of this thread's last multi-token product.
+    static ACT_CACHE: std::cell::RefCell<Vec<Activations>> = const {
+        std::cell::RefCell::new(Vec::new())
+    };
 }
 
 fn check_act(w: GgmlType, act: &Activations) -> Result<usize, QuantError> {
@@ -571,7 +612,7 @@ pub fn matmul_with(
     n_tokens: usize,
     y: &mut [f32],
 ) -> Result<(), QuantError> {
-    let f = rows_fn(lvl, w)?;
+    rows_fn(lvl, w)?;
     let rb = w.row_size(cols)?;
     let wbytes = rows
         .checked_mul(rb)
@@ -610,22 +651,45 @@ pub fn matmul_with(
         SERIAL_MAX_BYTES
     };
     let serial = wbytes.saturating_mul(n_tokens) <= serial_max;
-    let acts: Vec<Activations> = if n_tokens == 1 {
-        vec![quantize_activations_with(lvl, w, x)?]
-    } else if serial {
-        x.chunks(cols)
-            .map(|xt| quantize_activations_with(lvl, w, xt))
-            .collect::<Result<_, _>>()?
+    // Taken, not borrowed: a rayon wait inside may run another product on this thread
+    // (it then finds the cache empty and allocates).
+    let mut cache = ACT_CACHE.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    if cache.len() < n_tokens {
+        cache.resize_with(n_tokens, Activations::default);
+    }
+    let acts = &mut cache[..n_tokens];
+    if serial || n_tokens == 1 {
+        for (a, xt) in acts.iter_mut().zip(x.chunks(cols)) {
+            quantize_activations_into(lvl, w, xt, a)?;
+        }
     } else {
-        x.par_chunks(cols)
-            .map(|xt| quantize_activations_with(lvl, w, xt))
-            .collect::<Result<_, _>>()?
-    };
+        acts.par_iter_mut()
+            .zip(x.par_chunks(cols))
+            .try_for_each(|(a, xt)| quantize_activations_into(lvl, w, xt, a))?;
+    }
+    let result = products(lvl, w, weights, (rows, rb), acts, serial, y);
+    ACT_CACHE.with(|c| *c.borrow_mut() = cache);
+    result
+}
+
+/// The products of [`matmul_with`] once its activations are quantized.
+fn products(
+    lvl: Level,
+    w: GgmlType,
+    weights: &[u8],
+    (rows, rb): (usize, usize),
+    acts: &[Activations],
+    serial: bool,
+    y: &mut [f32],
+) -> Result<(), QuantError> {
+    let f = rows_fn(lvl, w)?;
+    let n_tokens = acts.len();
+    let yl = y.len();
 
     if serial {
         match (n_tokens, tokens_fn(lvl, w)) {
             // Chunk-major output of one chunk holding every row is y's own layout.
-            (2.., Some(m)) => m(weights, rb, &acts, y),
+            (2.., Some(m)) => m(weights, rb, acts, y),
             _ => {
                 for (act, yt) in acts.iter().zip(y.chunks_mut(rows)) {
                     f(weights, rb, act, yt);
@@ -666,7 +730,7 @@ pub fn matmul_with(
         .for_each(|(tc, wc)| {
             let cr = wc.len() / rb;
             if let Some(m) = multi {
-                m(wc, rb, &acts, tc);
+                m(wc, rb, acts, tc);
                 return;
             }
             for (act, out) in acts.iter().zip(tc.chunks_mut(cr)) {

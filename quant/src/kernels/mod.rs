@@ -286,6 +286,7 @@ impl AlignedI8 {
     }
     /// Makes this `len` bytes, reusing the allocation; bytes `..len` keep whatever
     /// they held (callers overwrite them), bytes past `len` in the last line are 0.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn resize(&mut self, len: usize) {
         self.lines.resize(len.div_ceil(64), Line([0; 64]));
         self.len = len;

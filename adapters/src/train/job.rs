@@ -384,13 +384,13 @@ fn output_format(spec: &JobSpec) -> Result<OutputFormat, TrainError> {
 
 type Split = (Vec<Example>, Vec<Example>, Vec<Record>);
 
-/// Tokenized training and held-out examples, plus the held-out records (for exact
-/// match; text data has none).
 /// `items[i]` for each index of `ix`.
 fn pick<T: Clone>(items: &[T], ix: &[usize]) -> Vec<T> {
     ix.iter().map(|&i| items[i].clone()).collect()
 }
 
+/// Tokenized training and held-out examples, plus the held-out records (for exact
+/// match; text data has none).
 fn split_data(tok: &Tokenizer, spec: &JobSpec) -> Result<Split, TrainError> {
     let (name, loaded) = match &spec.data {
         TrainData::File(path) => (path.display().to_string(), data::load(path)?),

@@ -613,7 +613,7 @@ pub fn matmul_with(
     n_tokens: usize,
     y: &mut [f32],
 ) -> Result<(), QuantError> {
-    rows_fn(lvl, w)?;
+    let f = rows_fn(lvl, w)?;
     let rb = w.row_size(cols)?;
     let wbytes = rows
         .checked_mul(rb)
@@ -668,22 +668,24 @@ pub fn matmul_with(
             .zip(x.par_chunks(cols))
             .try_for_each(|(a, xt)| quantize_activations_into(lvl, w, xt, a))?;
     }
-    let result = products(lvl, w, weights, (rows, rb), acts, serial, y);
+    let result = products(lvl, w, f, weights, (rows, rb), acts, serial, y);
     ACT_CACHE.with(|c| *c.borrow_mut() = cache);
     result
 }
 
 /// The products of [`matmul_with`] once its activations are quantized.
+/// `f` is the row kernel of `w` at `lvl`.
+#[allow(clippy::too_many_arguments)]
 fn products(
     lvl: Level,
     w: GgmlType,
+    f: RowsFn,
     weights: &[u8],
     (rows, rb): (usize, usize),
     acts: &[Activations],
     serial: bool,
     y: &mut [f32],
 ) -> Result<(), QuantError> {
-    let f = rows_fn(lvl, w)?;
     let n_tokens = acts.len();
     let yl = y.len();
 
